@@ -1,0 +1,1 @@
+"""studio-engine: an event-sourced lifecycle engine for llama-server."""

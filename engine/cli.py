@@ -1,0 +1,161 @@
+"""`studio-engine` (also `python -m engine`): replay, postmortem, diagram, verify, demo, db."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from engine.journal import Journal, JournalError
+from engine.replay import Step, Until, bounds, replay_steps
+from engine.timeline import clock, delta, key_fields
+
+
+def _until(text: str | None) -> Until:
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--until takes a sequence number or an ISO time, not {text!r}"
+        ) from None
+
+
+def _steps(journal_path: str, slot: str, until: Until) -> list[Step]:
+    journal = Journal.open(journal_path, create=False)
+    try:
+        if slot not in journal.streams():
+            known = ", ".join(journal.streams()) or "none"
+            raise JournalError(f"journal has no slot {slot!r} (slots: {known})")
+        return list(replay_steps(journal.read_rows(slot, **bounds(until))))
+    finally:
+        journal.close()
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    steps = _steps(args.journal, args.slot, _until(args.until))
+    if args.json:
+        for step in steps:
+            print(json.dumps({
+                "seq": step.seq,
+                "at": step.at,
+                "state": step.state.state,
+                "event": step.event.model_dump(mode="json"),
+            }))
+        return 0
+    header = f"{'seq':>6}  {'time (UTC)':23}  {'delta':>9}  {'event':22} {'state after':12} details"
+    print(header)
+    print("-" * len(header))
+    previous = None
+    for step in steps:
+        print(
+            f"{step.seq:>6}  {clock(step.at):23}  {delta(step.at, previous):>9}  "
+            f"{step.event.type:22} {step.state.state:12} {key_fields(step.event)}"
+        )
+        previous = step.at
+    final = steps[-1].state.state if steps else "idle"
+    print(f"\n{len(steps)} events; slot {args.slot!r} is {final!r}")
+    return 0
+
+
+def cmd_diagram(args: argparse.Namespace) -> int:
+    from engine.diagram import mermaid, write_diagrams
+
+    if args.journal:
+        from collections import Counter
+
+        counts: Counter[tuple[str, str, str]] = Counter()
+        before = "idle"
+        for step in _steps(args.journal, args.slot, None):
+            counts[(before, step.event.type, step.state.state)] += 1
+            before = step.state.state
+        text = mermaid(counts=counts)
+    else:
+        text = mermaid()
+    if args.stdout:
+        print(text, end="")
+        return 0
+    for path in write_diagrams(Path(args.out), text):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    journal = Journal.open(args.journal, create=False)
+    try:
+        streams = journal.streams()
+        for stream in streams:
+            count = 0
+            state = None
+            for step in replay_steps(journal.read_rows(stream)):
+                count += 1
+                state = step.state
+            print(f"slot {stream!r}: {count} events, final state {state.state if state else 'idle'!r}")
+    finally:
+        journal.close()
+    print(f"ok: {len(streams)} slot(s) replay cleanly")
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    journal = Journal.open(args.journal)
+    try:
+        print(f"{journal.url}: schema at revision {journal.schema_revision()}")
+    finally:
+        journal.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="studio-engine",
+        description="Lifecycle engine for llama-server: journal replay, diagrams and a demo.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    replay = sub.add_parser("replay", help="print a slot's timeline replayed from the journal")
+    replay.add_argument("journal", help="journal file path or SQLAlchemy URL")
+    replay.add_argument("--slot", default="default")
+    replay.add_argument("--until", help="stop after this sequence number or ISO time")
+    replay.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    replay.set_defaults(func=cmd_replay)
+
+    diagram = sub.add_parser("diagram", help="write the machine as Mermaid (.mmd and .md)")
+    diagram.add_argument("--out", default="diagrams", help="output folder (default: diagrams/)")
+    diagram.add_argument("--journal", help="draw only the transitions this journal took")
+    diagram.add_argument("--slot", default="default")
+    diagram.add_argument("--stdout", action="store_true", help="print instead of writing files")
+    diagram.set_defaults(func=cmd_diagram)
+
+    verify = sub.add_parser("verify", help="replay every slot and check the journal")
+    verify.add_argument("journal")
+    verify.set_defaults(func=cmd_verify)
+
+    db = sub.add_parser("db", help="journal schema management")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    upgrade = db_sub.add_parser("upgrade", help="upgrade a journal's schema to this engine's head")
+    upgrade.add_argument("journal")
+    upgrade.set_defaults(func=cmd_db_upgrade)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (JournalError, argparse.ArgumentTypeError) as exc:
+        print(f"studio-engine: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

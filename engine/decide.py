@@ -1,0 +1,152 @@
+"""What to do next, as pure functions of the replayed state.
+
+* `decide(command, state) -> events`: the events a user command starts with (or none).
+* `next_step(state) -> Step | None`: the next effect the orchestrator must run; the effect's
+  outcome comes back as events, and the loop repeats until no step is left.
+* `abort_step(state, outcome, error)`: how a cancelled or failed load unwinds.
+
+Guards live here, never in the machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from engine import events as ev
+from engine.rules import reload_reason
+from engine.state import SlotState
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    load_id: str
+    spec: ev.LoadSpec
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Unload:
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    at: float
+
+
+Command = Load | Unload | Cancel
+
+
+def duplicate_of_serving(spec: ev.LoadSpec, state: SlotState) -> bool:
+    """A healthy server already serves exactly this target (contract rule 3)."""
+    served = state.serving
+    if state.state != "ready" or served is None or state.process is None:
+        return False
+    reason = reload_reason(
+        spec,
+        served.spec,
+        served.model.source,
+        served.model.variant,
+        served.model.is_vision,
+        served.extra_args,
+    )
+    return reason is None
+
+
+def decide(command: Command, state: SlotState) -> list[ev.Event]:
+    match command:
+        case Load(load_id=load_id, spec=spec, at=at):
+            if duplicate_of_serving(spec, state):
+                return [ev.LoadShortCircuited(at=at, load_id=load_id, spec=spec)]
+            return [ev.LoadRequested(at=at, load_id=load_id, spec=spec)]
+        case Unload(at=at):
+            if state.state in ("ready", "failed", "crashed"):
+                return [ev.UnloadRequested(at=at)]
+            return []
+        case Cancel():
+            # Cancellation is a signal to the running load, which journals its own outcome.
+            return []
+
+
+# --- steps ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    """Find the model file (local or hub) and read its header."""
+
+
+@dataclass(frozen=True, slots=True)
+class Kill:
+    reason: ev.KillReason
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """Wait for GPU memory freed by the last kill to settle before sizing the next load."""
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn:
+    """Start llama-server for the pending load."""
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitHealth:
+    """Poll /health until 200, the process exits, the deadline passes or the load is cancelled."""
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """No effect needed: append these events."""
+
+    events: tuple[ev.Event, ...]
+
+
+Step = Resolve | Kill | Settle | Spawn | AwaitHealth | Emit
+
+
+def next_step(state: SlotState, at: float) -> Step | None:
+    pending = state.pending
+    match state.state:
+        case "resolving":
+            assert pending is not None
+            if pending.model is None:
+                return Resolve()
+            return Kill("replace") if state.process is not None else Settle()
+        case "killing":
+            return Kill("replace") if state.process is not None else Settle()
+        case "settling":
+            assert pending is not None
+            return Spawn() if pending.settled else Settle()
+        case "warming":
+            assert pending is not None
+            if pending.health_passed:
+                return Emit((ev.LoadSucceeded(at=at, load_id=pending.load_id),))
+            return AwaitHealth()
+        case "unloading":
+            return Kill("unload") if state.process is not None else Emit((ev.Unloaded(at=at),))
+        case _:
+            return None
+
+
+def abort_step(
+    state: SlotState, outcome: Literal["cancelled", "failed"], error: str, at: float
+) -> Step:
+    """Unwind a load: kill what it started, then journal how it ended.
+
+    A load stopped before it touched the running server is *abandoned*: that server keeps
+    serving and the slot returns to `ready`.
+    """
+    pending = state.pending
+    assert pending is not None
+    load_id = pending.load_id
+    process = state.process
+    if process is not None and process.load_id == load_id and process.pid:
+        return Kill("cancel" if outcome == "cancelled" else "failure")
+    if state.state == "resolving" and process is not None:
+        return Emit((ev.LoadAbandoned(at=at, load_id=load_id, outcome=outcome, error=error),))
+    if outcome == "cancelled":
+        return Emit((ev.LoadCancelled(at=at, load_id=load_id, reason=error),))
+    return Emit((ev.LoadFailed(at=at, load_id=load_id, error=error),))

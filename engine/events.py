@@ -1,0 +1,265 @@
+"""Every fact the engine records: one pydantic class per event type, one discriminated union.
+
+Events are the only thing written to the journal and the only input of `evolve`. They are
+frozen, reject unknown fields (a garbage payload fails loudly), and carry a schema version so
+a journal written by a newer engine is refused instead of misread.
+
+Secrets cannot be represented: the only token-related field is a SHA-256 fingerprint, and the
+journal additionally refuses any payload that looks like a Hugging Face token.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+SCHEMA_VERSION = 1
+
+KillReason = Literal["replace", "unload", "cancel", "failure", "recovery"]
+SettleOutcome = Literal["stable", "timeout", "cpu-only", "probe-error", "cold", "stale", "gpu-change"]
+AbandonOutcome = Literal["cancelled", "failed", "refused"]
+Fingerprint = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LoadSpec(_Record):
+    """A validated, normalised load request (what the user asked for, minus any secret)."""
+
+    model: str  # resolved absolute path for a local file, repo id for a hub model
+    variant: str | None = None
+    max_seq_length: int = 0  # 0 = the model's native context
+    cache_type_kv: str | None = None
+    speculative_type: str | None = None
+    chat_template_override: str | None = None
+    extra_args: tuple[str, ...] | None = None  # None = inherit, () = clear
+    token_fingerprint: Fingerprint | None = None
+    force: bool = False
+
+
+class ResolvedModel(_Record):
+    """Where a load's model actually lives, and the facts read from its GGUF header."""
+
+    source: str  # model identity: "file:/abs/model.gguf" or "hf:owner/repo"
+    model_file: str
+    variant: str | None = None
+    is_vision: bool = False
+    mmproj_file: str | None = None
+    native_ctx: int | None = None
+    architecture: str | None = None
+    size_bytes: int = 0
+
+
+class BaseEvent(_Record):
+    schema_version: int = SCHEMA_VERSION
+    at: float  # wall-clock seconds since the epoch; the orchestrator's clock
+    load_id: str | None = None
+
+
+# --- loads ------------------------------------------------------------------------------
+
+
+class LoadRequested(BaseEvent):
+    type: Literal["load_requested"] = "load_requested"
+    spec: LoadSpec
+
+
+class LoadShortCircuited(BaseEvent):
+    type: Literal["load_short_circuited"] = "load_short_circuited"
+    spec: LoadSpec
+
+
+class LoadJoined(BaseEvent):
+    type: Literal["load_joined"] = "load_joined"
+    joined_load_id: str
+
+
+class ModelResolved(BaseEvent):
+    type: Literal["model_resolved"] = "model_resolved"
+    model: ResolvedModel
+
+
+class LoadCancelled(BaseEvent):
+    type: Literal["load_cancelled"] = "load_cancelled"
+    reason: str
+
+
+class LoadFailed(BaseEvent):
+    type: Literal["load_failed"] = "load_failed"
+    error: str
+    log_tail: str | None = None
+
+
+class LoadAbandoned(BaseEvent):
+    """A load stopped before it touched the running server, which keeps serving."""
+
+    type: Literal["load_abandoned"] = "load_abandoned"
+    outcome: AbandonOutcome
+    error: str
+
+
+class LoadSucceeded(BaseEvent):
+    """The new server is healthy: its settings and extra args are now the committed ones."""
+
+    type: Literal["load_succeeded"] = "load_succeeded"
+
+
+# --- kill ---------------------------------------------------------------------------------
+
+
+class KillStarted(BaseEvent):
+    type: Literal["kill_started"] = "kill_started"
+    pid: int
+    create_time: float
+    reason: KillReason
+
+
+class KillEscalated(BaseEvent):
+    type: Literal["kill_escalated"] = "kill_escalated"
+    pid: int
+
+
+class ProcessExited(BaseEvent):
+    type: Literal["process_exited"] = "process_exited"
+    pid: int
+    returncode: int | None = None  # None when the process was not our child
+
+
+# --- GPU memory settle ----------------------------------------------------------------------
+
+
+class SettleStarted(BaseEvent):
+    type: Literal["settle_started"] = "settle_started"
+    kill_age_s: float | None = None  # None = no kill on record (cold start)
+
+
+class VramSampled(BaseEvent):
+    type: Literal["vram_sampled"] = "vram_sampled"
+    free_mib: tuple[tuple[int, int], ...]  # (gpu index, free MiB)
+
+
+class Settled(BaseEvent):
+    type: Literal["settled"] = "settled"
+    outcome: SettleOutcome
+    waited_s: float = 0.0
+    samples: int = 0
+
+
+# --- spawn and health -------------------------------------------------------------------------
+
+
+class SpawnStarted(BaseEvent):
+    """Write-ahead intent: journaled before Popen, so a crash mid-spawn is recoverable."""
+
+    type: Literal["spawn_started"] = "spawn_started"
+    argv: tuple[str, ...]
+    port: int
+    marker: str
+    log_path: str
+    extra_args: tuple[str, ...]
+    extra_args_source: str | None = None
+
+
+class Spawned(BaseEvent):
+    type: Literal["spawned"] = "spawned"
+    pid: int
+    create_time: float
+
+
+class HealthPassed(BaseEvent):
+    type: Literal["health_passed"] = "health_passed"
+    waited_s: float
+
+
+class HealthFailed(BaseEvent):
+    type: Literal["health_failed"] = "health_failed"
+    error: str
+    returncode: int | None = None
+    log_tail: str | None = None
+
+
+# --- unload, crash, recovery ------------------------------------------------------------------
+
+
+class UnloadRequested(BaseEvent):
+    type: Literal["unload_requested"] = "unload_requested"
+
+
+class Unloaded(BaseEvent):
+    type: Literal["unloaded"] = "unloaded"
+
+
+class Crashed(BaseEvent):
+    type: Literal["crashed"] = "crashed"
+    pid: int
+    returncode: int | None = None
+    log_tail: str | None = None
+
+
+class RecoveryStarted(BaseEvent):
+    type: Literal["recovery_started"] = "recovery_started"
+    previous_state: str
+
+
+class RecoveryAdopted(BaseEvent):
+    type: Literal["recovery_adopted"] = "recovery_adopted"
+    pid: int
+
+
+class OrphanKilled(BaseEvent):
+    type: Literal["orphan_killed"] = "orphan_killed"
+    pid: int
+    create_time: float
+    marker: str
+
+
+class RecoveryFinished(BaseEvent):
+    type: Literal["recovery_finished"] = "recovery_finished"
+    summary: str
+
+
+Event = Annotated[
+    LoadRequested
+    | LoadShortCircuited
+    | LoadJoined
+    | ModelResolved
+    | LoadCancelled
+    | LoadFailed
+    | LoadAbandoned
+    | LoadSucceeded
+    | KillStarted
+    | KillEscalated
+    | ProcessExited
+    | SettleStarted
+    | VramSampled
+    | Settled
+    | SpawnStarted
+    | Spawned
+    | HealthPassed
+    | HealthFailed
+    | UnloadRequested
+    | Unloaded
+    | Crashed
+    | RecoveryStarted
+    | RecoveryAdopted
+    | OrphanKilled
+    | RecoveryFinished,
+    Field(discriminator="type"),
+]
+
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+EVENT_TYPES: dict[str, type[BaseEvent]] = {
+    cls.model_fields["type"].default: cls for cls in BaseEvent.__subclasses__()
+}
+
+
+def parse_event(payload: str | bytes) -> Event:
+    """Decode one journaled payload; raises pydantic.ValidationError on garbage."""
+    return EVENT_ADAPTER.validate_json(payload)
+
+
+def dump_event(event: BaseEvent) -> str:
+    return event.model_dump_json()

@@ -1,0 +1,180 @@
+"""`evolve(state, event) -> state`: total, deterministic, no I/O. `fold` replays a stream.
+
+The destination state always comes from the machine's transition table; the small appliers
+below only update the data fields an event carries. An event that is not a legal trigger in
+the current state raises `IllegalTransition` (for a journal: a corrupt stream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any
+
+from engine import events as ev
+from engine.machine import TRANSITION_TABLE
+from engine.state import LoadedModel, PendingLoad, ServerProcess, SlotState
+
+
+class IllegalTransition(ValueError):
+    """`event_type` is not a trigger of the machine in `state`."""
+
+    def __init__(self, state: str, event_type: str, seq: int | None = None) -> None:
+        self.state, self.event_type, self.seq = state, event_type, seq
+        where = f"event #{seq} " if seq is not None else "event "
+        super().__init__(f"{where}{event_type!r} is not a legal transition from state {state!r}")
+
+
+Applier = Callable[[SlotState, Any], SlotState]
+_APPLIERS: dict[str, Applier] = {}
+
+
+def _on(*event_classes: type[ev.BaseEvent]) -> Callable[[Applier], Applier]:
+    def register(fn: Applier) -> Applier:
+        for cls in event_classes:
+            _APPLIERS[cls.model_fields["type"].default] = fn
+        return fn
+
+    return register
+
+
+def _pending(state: SlotState) -> PendingLoad:
+    if state.pending is None:  # the machine admits these events only while a load is pending
+        raise IllegalTransition(state.state, "(event of a load that is not pending)")
+    return state.pending
+
+
+@_on(ev.LoadRequested)
+def _load_requested(state: SlotState, e: ev.LoadRequested) -> SlotState:
+    return replace(state, pending=PendingLoad(load_id=e.load_id or "", spec=e.spec), last_error=None)
+
+
+@_on(ev.ModelResolved)
+def _model_resolved(state: SlotState, e: ev.ModelResolved) -> SlotState:
+    return replace(state, pending=replace(_pending(state), model=e.model))
+
+
+@_on(ev.Settled)
+def _settled(state: SlotState, e: ev.Settled) -> SlotState:
+    return replace(state, pending=replace(_pending(state), settled=True))
+
+
+@_on(ev.SpawnStarted)
+def _spawn_started(state: SlotState, e: ev.SpawnStarted) -> SlotState:
+    pending = _pending(state)
+    assert pending.model is not None  # spawn_started is legal only after resolution
+    launch = LoadedModel(
+        spec=pending.spec,
+        model=pending.model,
+        extra_args=e.extra_args,
+        extra_args_source=e.extra_args_source,
+        argv=e.argv,
+    )
+    # The process is not known yet; its port, marker and log are (write-ahead intent).
+    process = ServerProcess(0, 0.0, e.port, pending.load_id, e.marker, e.log_path)
+    return replace(state, pending=replace(pending, launch=launch), process=process)
+
+
+@_on(ev.Spawned)
+def _spawned(state: SlotState, e: ev.Spawned) -> SlotState:
+    assert state.process is not None
+    return replace(state, process=replace(state.process, pid=e.pid, create_time=e.create_time))
+
+
+@_on(ev.HealthPassed)
+def _health_passed(state: SlotState, e: ev.HealthPassed) -> SlotState:
+    return replace(state, pending=replace(_pending(state), health_passed=True))
+
+
+@_on(ev.HealthFailed)
+def _health_failed(state: SlotState, e: ev.HealthFailed) -> SlotState:
+    return replace(state, pending=replace(_pending(state), error=e.error), last_error=e.error)
+
+
+@_on(ev.LoadSucceeded)
+def _load_succeeded(state: SlotState, e: ev.LoadSucceeded) -> SlotState:
+    launch = _pending(state).launch
+    assert launch is not None
+    # Extras are committed only now, after the new server is healthy (contract rule 4).
+    return replace(
+        state,
+        pending=None,
+        serving=launch,
+        extra_args=launch.extra_args,
+        extra_args_source=launch.extra_args_source,
+        last_error=None,
+    )
+
+
+@_on(ev.LoadAbandoned)
+def _load_abandoned(state: SlotState, e: ev.LoadAbandoned) -> SlotState:
+    last_error = e.error if e.outcome != "cancelled" else state.last_error
+    return replace(state, pending=None, last_error=last_error)
+
+
+@_on(ev.LoadCancelled)
+def _load_cancelled(state: SlotState, e: ev.LoadCancelled) -> SlotState:
+    return replace(state, pending=None, serving=None)
+
+
+@_on(ev.LoadFailed)
+def _load_failed(state: SlotState, e: ev.LoadFailed) -> SlotState:
+    return replace(state, pending=None, serving=None, process=None, last_error=e.error)
+
+
+@_on(ev.ProcessExited)
+def _process_exited(state: SlotState, e: ev.ProcessExited) -> SlotState:
+    if state.process is None or state.process.pid != e.pid:
+        return state  # an orphan or an already forgotten process
+    return replace(state, process=None, serving=None, last_kill_at=e.at)
+
+
+@_on(ev.Crashed)
+def _crashed(state: SlotState, e: ev.Crashed) -> SlotState:
+    # A crash frees GPU memory just like a kill does: it arms the settle wait too.
+    code = "" if e.returncode is None else f" with code {e.returncode}"
+    error = f"llama-server (pid {e.pid}) exited on its own{code}"
+    return replace(state, process=None, serving=None, last_kill_at=e.at, last_error=error)
+
+
+@_on(ev.Unloaded)
+def _unloaded(state: SlotState, e: ev.Unloaded) -> SlotState:
+    return replace(state, process=None, serving=None, last_error=None)
+
+
+@_on(ev.RecoveryAdopted)
+def _recovery_adopted(state: SlotState, e: ev.RecoveryAdopted) -> SlotState:
+    # Adoption completes the interrupted load if it had a launch; a ready server stays as is.
+    pending = state.pending
+    if pending is None or pending.launch is None:
+        return state
+    launch = pending.launch
+    return replace(
+        state,
+        pending=None,
+        serving=launch,
+        extra_args=launch.extra_args,
+        extra_args_source=launch.extra_args_source,
+    )
+
+
+@_on(ev.RecoveryFinished)
+def _recovery_finished(state: SlotState, e: ev.RecoveryFinished) -> SlotState:
+    return replace(state, pending=None) if state.state == "recovering" else state
+
+
+def evolve(state: SlotState, event: ev.Event, seq: int | None = None) -> SlotState:
+    """The state after `event`. Raises IllegalTransition (naming `seq`) for an illegal event."""
+    dest = TRANSITION_TABLE.get((state.state, event.type))
+    if dest is None:
+        raise IllegalTransition(state.state, event.type, seq)
+    applier = _APPLIERS.get(event.type)
+    after = applier(state, event) if applier is not None else state
+    return replace(after, state=dest, version=state.version + 1, updated_at=event.at)
+
+
+def fold(events: Iterable[ev.Event], initial: SlotState | None = None) -> SlotState:
+    state = initial if initial is not None else SlotState()
+    for event in events:
+        state = evolve(state, event)
+    return state

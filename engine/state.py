@@ -1,0 +1,66 @@
+"""The slot state that `fold(evolve, events)` rebuilds: plain frozen dataclasses.
+
+Everything the engine decides from (short-circuit, inheritance, recovery, settle) is a field
+here, and every field is derived from the journal alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.events import LoadSpec, ResolvedModel
+
+
+@dataclass(frozen=True, slots=True)
+class ServerProcess:
+    """A llama-server we started. (pid, create_time) is its identity: pids get reused."""
+
+    pid: int
+    create_time: float
+    port: int
+    load_id: str
+    marker: str
+    log_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """What a server serves: the spec it was asked for and where the model turned out to be."""
+
+    spec: LoadSpec
+    model: ResolvedModel
+    extra_args: tuple[str, ...]
+    extra_args_source: str | None
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLoad:
+    """The load in flight, from `load_requested` until it succeeds, fails or is cancelled."""
+
+    load_id: str
+    spec: LoadSpec
+    model: ResolvedModel | None = None
+    settled: bool = False
+    launch: LoadedModel | None = None  # set at spawn_started: what the new server gets
+    health_passed: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SlotState:
+    state: str = "idle"  # the machine state name
+    version: int = 0  # stream version of the last applied event
+    process: ServerProcess | None = None  # the live (or not yet confirmed dead) server
+    serving: LoadedModel | None = None  # what `process` serves, once it passed health
+    pending: PendingLoad | None = None
+    # Extra args of the last *successful* load and its model identity; they survive unload.
+    extra_args: tuple[str, ...] = ()
+    extra_args_source: str | None = None
+    last_kill_at: float | None = None  # wall clock of the last confirmed kill (arms settle)
+    last_error: str | None = None
+    updated_at: float | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.pending is not None

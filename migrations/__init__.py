@@ -1,0 +1,1 @@
+"""Alembic migrations for the journal (shipped inside the package as `engine.migrations`)."""
