@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 SCHEMA_VERSION = 1
 
 KillReason = Literal["replace", "unload", "cancel", "failure", "recovery"]
-SettleOutcome = Literal["stable", "timeout", "cpu-only", "probe-error", "cold", "stale", "gpu-change"]
+SettleKind = Literal["stable", "timeout", "cpu-only", "probe-error", "cold", "stale", "gpu-change"]
 AbandonOutcome = Literal["cancelled", "failed", "refused"]
 Fingerprint = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -31,7 +31,7 @@ class LoadSpec(_Record):
 
     model: str  # resolved absolute path for a local file, repo id for a hub model
     variant: str | None = None
-    max_seq_length: int = 0  # 0 = the model's native context
+    max_seq_length: int | None = None  # None = not set (inherit), 0 = native context
     cache_type_kv: str | None = None
     speculative_type: str | None = None
     chat_template_override: str | None = None
@@ -143,7 +143,7 @@ class VramSampled(BaseEvent):
 
 class Settled(BaseEvent):
     type: Literal["settled"] = "settled"
-    outcome: SettleOutcome
+    outcome: SettleKind
     waited_s: float = 0.0
     samples: int = 0
 
@@ -207,6 +207,7 @@ class RecoveryStarted(BaseEvent):
 class RecoveryAdopted(BaseEvent):
     type: Literal["recovery_adopted"] = "recovery_adopted"
     pid: int
+    create_time: float
 
 
 class OrphanKilled(BaseEvent):

@@ -144,13 +144,17 @@ def _unloaded(state: SlotState, e: ev.Unloaded) -> SlotState:
 
 @_on(ev.RecoveryAdopted)
 def _recovery_adopted(state: SlotState, e: ev.RecoveryAdopted) -> SlotState:
-    # Adoption completes the interrupted load if it had a launch; a ready server stays as is.
+    # The adopted server may have been found by its marker (pid never journaled).
+    assert state.process is not None
+    process = replace(state.process, pid=e.pid, create_time=e.create_time)
     pending = state.pending
-    if pending is None or pending.launch is None:
-        return state
-    launch = pending.launch
+    if pending is None or pending.launch is None or process.load_id != pending.load_id:
+        # A ready server stays as it was; a load interrupted before its spawn is dropped.
+        return replace(state, process=process, pending=None)
+    launch = pending.launch  # adoption completes the interrupted load
     return replace(
         state,
+        process=process,
         pending=None,
         serving=launch,
         extra_args=launch.extra_args,

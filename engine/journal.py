@@ -252,7 +252,7 @@ class Journal:
         sql += " ORDER BY version"
         with self.engine.connect() as conn:
             result = conn.execution_options(yield_per=2000).execute(sa.text(sql), params)
-            yield from result.tuples()  # type: ignore[misc]
+            yield from result  # type: ignore[misc]  # Rows unpack like tuples
 
     def read(self, stream: str, **bounds: Any) -> Iterator[Recorded]:
         """Decoded events; a garbage payload or an event from a newer schema names its seq."""
@@ -284,7 +284,8 @@ def decode_row(seq: int, type_: str, payload: str) -> Event:
                 f"v{SCHEMA_VERSION}; upgrade studio-engine",
             ) from exc
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "payload"
+        loc = [str(part) for part in first["loc"]]
+        where = ".".join(loc[1:] if loc[:1] == [type_] else loc) or "payload"
         raise CorruptJournal(seq, f"unreadable {type_!r} payload ({where}: {first['msg']})") from exc
     if event.schema_version > SCHEMA_VERSION:
         raise CorruptJournal(

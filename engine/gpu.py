@@ -1,0 +1,200 @@
+"""GPU memory: wait for the driver to release a killed server's VRAM, and probe it with NVML.
+
+The NVIDIA driver frees a dead process's memory asynchronously (tens to hundreds of ms).
+Sizing the next load from a sample taken in that window offloads layers to the CPU for
+nothing, so before spawning we wait until two consecutive samples agree — but never longer
+than `max_wait`, probe time included, and not at all when there is nothing to wait for.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.events import SettleKind
+
+Sample = list[tuple[int, int]]  # (gpu index, free MiB)
+Probe = Callable[[], Sample]
+
+SETTLE_WINDOW_S = 15.0
+MAX_WAIT_S = 2.0
+INTERVAL_S = 0.25
+MIN_TOLERANCE_MIB = 256
+TOLERANCE_FRACTION = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class SettleOutcome:
+    kind: SettleKind
+    waited_s: float = 0.0
+    samples: list[Sample] = field(default_factory=list)
+
+
+class _ProbeTimeout(Exception):
+    pass
+
+
+def _probe_within(probe: Probe, timeout: float) -> Sample:
+    """Run `probe` in a daemon thread so a wedged driver call cannot outlast `timeout`."""
+    if timeout <= 0:
+        raise _ProbeTimeout
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["sample"] = probe()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, name="vram-probe", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise _ProbeTimeout
+    if "error" in box:
+        raise box["error"]
+    return sorted(box["sample"])
+
+
+def agree(a: Sample, b: Sample) -> bool:
+    """Every GPU within max(256 MiB, 2 % of the larger sample)."""
+    return all(
+        abs(free_a - free_b) <= max(MIN_TOLERANCE_MIB, TOLERANCE_FRACTION * max(free_a, free_b))
+        for (_, free_a), (_, free_b) in zip(a, b, strict=True)
+    )
+
+
+def wait_for_settle(
+    probe: Probe,
+    since_kill: float,
+    *,
+    max_wait: float = MAX_WAIT_S,
+    interval: float = INTERVAL_S,
+    settle_window: float = SETTLE_WINDOW_S,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    on_sample: Callable[[Sample], None] | None = None,
+) -> SettleOutcome:
+    """Wait until GPU free memory is stable after a kill at monotonic time `since_kill` (0 = never).
+
+    Zero probes on a cold start or a kill older than `settle_window`. Returns at once when the
+    first probe finds no GPU, when a probe raises, or when the set of GPUs changes. The whole
+    wait, probe time included, is bounded by `max_wait`.
+    """
+    if not since_kill:
+        return SettleOutcome("cold")
+    start = clock()
+    if start - since_kill > settle_window:
+        return SettleOutcome("stale")
+    deadline = start + max_wait
+    samples: list[Sample] = []
+
+    def take() -> Sample:
+        sample = _probe_within(probe, deadline - clock())
+        samples.append(sample)
+        if on_sample is not None:
+            on_sample(sample)
+        return sample
+
+    def done(kind: SettleKind) -> SettleOutcome:
+        return SettleOutcome(kind, clock() - start, samples)
+
+    try:
+        previous = take()
+    except _ProbeTimeout:
+        return done("timeout")
+    except Exception:
+        return done("probe-error")
+    if not previous:
+        return done("cpu-only")
+    while True:
+        remaining = deadline - clock()
+        if remaining <= 0:
+            return done("timeout")
+        sleep(min(interval, remaining))
+        try:
+            current = take()
+        except _ProbeTimeout:
+            return done("timeout")
+        except Exception:
+            return done("probe-error")
+        if [i for i, _ in current] != [i for i, _ in previous]:
+            return done("gpu-change")
+        if agree(previous, current):
+            return done("stable")
+        previous = current
+
+
+class NvmlProbe:
+    """Per-GPU free MiB through pynvml, honouring CUDA_VISIBLE_DEVICES.
+
+    NVML is initialised once, on first use, and shut down by `close()`. A host where NVML
+    cannot initialise (no driver, no GPU) is CPU-only: the probe returns no GPUs.
+    """
+
+    def __init__(self, visible_devices: str | None = None) -> None:
+        self._visible = (
+            visible_devices if visible_devices is not None
+            else os.environ.get("CUDA_VISIBLE_DEVICES")
+        )
+        self._lock = threading.Lock()
+        self._handles: list[tuple[int, Any]] | None = None
+        self._initialised = False
+
+    def _init(self) -> list[tuple[int, Any]]:
+        import pynvml
+
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError:
+            return []  # no driver / no GPU: the CPU-only path
+        self._initialised = True
+        count = pynvml.nvmlDeviceGetCount()
+        handles = [(i, pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)]
+        if self._visible is None:
+            return handles
+        wanted = [w.strip() for w in self._visible.split(",") if w.strip()]
+        chosen: list[tuple[int, Any]] = []
+        for token in wanted:
+            if token.lstrip("-").isdigit():
+                if int(token) < 0:
+                    break  # CUDA stops enumerating at the first invalid ordinal
+                chosen += [(i, h) for i, h in handles if i == int(token)]
+            else:
+                chosen += [
+                    (i, h) for i, h in handles
+                    if _text(pynvml.nvmlDeviceGetUUID(h)).startswith(token)
+                ]
+        return chosen
+
+    def __call__(self) -> Sample:
+        import pynvml
+
+        with self._lock:
+            if self._handles is None:
+                self._handles = self._init()
+            handles = self._handles
+        return [
+            (index, int(pynvml.nvmlDeviceGetMemoryInfo(handle).free) // (1024 * 1024))
+            for index, handle in handles
+        ]
+
+    def close(self) -> None:
+        import pynvml
+
+        with self._lock:
+            if self._initialised:
+                try:
+                    pynvml.nvmlShutdown()
+                except pynvml.NVMLError:
+                    pass
+            self._initialised = False
+            self._handles = None
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value

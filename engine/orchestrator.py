@@ -1,0 +1,522 @@
+"""The Engine: takes the slot lock, asks the pure core what to do, runs the effect, journals it.
+
+Write-ahead: an effect's intent is journaled before the effect runs (kill_started before
+SIGTERM, spawn_started with argv and marker before Popen) and its outcome right after.
+State is only ever changed by `_emit`, which validates every event against the machine,
+appends it to the journal and only then publishes the new state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from engine import events as ev
+from engine.binary import locate_server
+from engine.cmdline import build_argv
+from engine.decide import (
+    AwaitHealth,
+    Emit,
+    Kill,
+    Load,
+    Resolve,
+    Settle,
+    Spawn,
+    Step,
+    Unload,
+    abort_step,
+    decide,
+    next_step,
+)
+from engine.effects import Cancelled, CancelToken, Effects, StepFailed
+from engine.evolve import evolve
+from engine.gpu import wait_for_settle
+from engine.health import await_health
+from engine.journal import Journal
+from engine.process import make_marker
+from engine.replay import replay_state
+from engine.request import LoadRequest, LoadResult, Status, to_spec
+from engine.rules import InvalidRequest, effective_extra_args
+from engine.state import SlotState
+
+log = logging.getLogger("studio-engine")
+
+KILL_GRACE_S = 5.0
+HEALTH_TIMEOUT_S = 600.0
+MONITOR_INTERVAL_S = 0.25
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Flight:
+    """A load call, from the moment it is accepted until it returns."""
+
+    load_id: str
+    spec: ev.LoadSpec
+    token: CancelToken = field(default_factory=CancelToken)
+    result: Future[LoadResult] = field(default_factory=Future)
+
+
+def _new_load_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def default_run_dir(journal: Journal) -> Path:
+    """Logs and template files live beside a SQLite journal, else in the user's state dir."""
+    database = journal.engine.url.database if journal.is_sqlite else None
+    if database and database != ":memory:":
+        path = Path(database)
+        return path.with_name(path.name + ".run")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "studio-engine" / journal_id(journal)
+
+
+def journal_id(journal: Journal) -> str:
+    return hashlib.sha256(journal.url.encode()).hexdigest()[:12]
+
+
+class Engine:
+    def __init__(
+        self,
+        journal: Journal,
+        effects: Effects,
+        *,
+        slot: str = "default",
+        health_timeout: float = HEALTH_TIMEOUT_S,
+        kill_grace: float = KILL_GRACE_S,
+        settle_max_wait: float = 2.0,
+        threads: int | None = None,
+    ) -> None:
+        self.slot = slot
+        self.journal = journal
+        self.journal_id = journal_id(journal)
+        self._effects = effects
+        self._health_timeout = health_timeout
+        self._kill_grace = kill_grace
+        self._settle_max_wait = settle_max_wait
+        self._threads = threads
+        self._state = replay_state(journal.read_rows(slot))
+        self._state_lock = threading.Lock()  # guards appends; held only for one journal write
+        self._serial = threading.Lock()  # loads and unloads on this slot run one at a time
+        self._flights: list[_Flight] = []
+        self._observers: list[Callable[[ev.Event, SlotState], None]] = []
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    # --- opening and closing -----------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        journal_url: str | os.PathLike[str] = "studio-engine.db",
+        *,
+        llama_server: str | os.PathLike[str] | None = None,
+        slot: str = "default",
+        effects: Effects | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        monitor: bool = True,
+        synchronous: str = "FULL",
+        **options: Any,
+    ) -> Engine:
+        """Open the journal, replay the slot, reconcile with reality, start the crash monitor.
+
+        A missing or broken llama-server is an error here, not at the first load.
+        """
+        binary = locate_server(llama_server) if effects is None else None
+        journal = Journal.open(journal_url, synchronous=synchronous)
+        try:
+            if effects is None:
+                from engine.runtime import RealEffects
+
+                assert binary is not None
+                directory = Path(run_dir) if run_dir is not None else default_run_dir(journal)
+                effects = RealEffects(binary, directory)
+            engine = cls(journal, effects, slot=slot, **options)
+            engine._recover()
+        except BaseException:
+            journal.close()
+            raise
+        if monitor:
+            engine._start_monitor()
+        return engine
+
+    def close(self, *, keep_server: bool = False) -> None:
+        """Stop the slot. `keep_server=True` leaves a healthy server for the next open to adopt."""
+        self._stop.set()
+        if self._monitor is not None:
+            self._monitor.join()
+        try:
+            if not keep_server:
+                self.unload()
+            else:
+                self.cancel()
+        finally:
+            close = getattr(self._effects, "close", None)
+            if close is not None:
+                close()
+            self.journal.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the journal: the only way state changes ---------------------------------------------
+
+    def _emit(self, *events: ev.Event) -> SlotState:
+        with self._state_lock:
+            before = self._state
+            states = []
+            after = before
+            for event in events:
+                after = evolve(after, event)  # an illegal event never reaches the journal
+                states.append(after)
+            self.journal.append(self.slot, before.version, events)
+            self._state = after
+        for event, state in zip(events, states, strict=True):
+            for observer in self._observers:
+                observer(event, state)
+        return after
+
+    def observe(self, callback: Callable[[ev.Event, SlotState], None]) -> None:
+        """Call `callback(event, state_after)` after each journaled event (tests, progress)."""
+        self._observers.append(callback)
+
+    @property
+    def state(self) -> SlotState:
+        return self._state
+
+    # --- public API --------------------------------------------------------------------------
+
+    def status(self) -> Status:
+        state = self._state  # one immutable snapshot: never waits for a load in progress
+        served = state.serving or (state.pending.launch if state.pending else None)
+        spec = served.spec if served else (state.pending.spec if state.pending else None)
+        process = state.process
+        return Status(
+            state=state.state,
+            slot=self.slot,
+            pid=process.pid if process and process.pid else None,
+            port=process.port if process else None,
+            model_path=spec.model if spec else None,
+            model_file=served.model.model_file if served else None,
+            variant=served.model.variant if served else None,
+            settings=(
+                spec.model_dump(include={"max_seq_length", "cache_type_kv", "speculative_type",
+                                          "chat_template_override"})
+                if spec else {}
+            ),
+            extra_args=state.extra_args,
+            extra_args_source=state.extra_args_source,
+            loading=state.pending.load_id if state.pending else None,
+            last_error=state.last_error,
+            journal_version=state.version,
+        )
+
+    def load(self, request: LoadRequest | dict[str, Any]) -> LoadResult:
+        """Load (or reload) the slot's model. Serial per slot; the latest different load wins,
+        an identical one joins the load in flight."""
+        spec = to_spec(request)  # InvalidRequest before anything is journaled
+        with self._state_lock:
+            joined = next((f for f in reversed(self._flights)
+                           if f.spec == spec and not f.token.cancelled), None)
+            if joined is None:
+                for earlier in self._flights:
+                    earlier.token.cancel("superseded by a newer load")
+                flight = _Flight(_new_load_id(), spec)
+                self._flights.append(flight)
+        if joined is not None:
+            return self._join(joined)
+        try:
+            with self._serial:
+                result = self._run_load(flight)
+        except BaseException as exc:
+            flight.result.set_exception(exc)
+            raise
+        finally:
+            with self._state_lock:
+                self._flights.remove(flight)
+        flight.result.set_result(result)
+        return result
+
+    def unload(self) -> Status:
+        """Cancel any load in flight, then stop the server. Stored extra args survive."""
+        self.cancel("unload requested")
+        with self._serial:
+            self._emit_all(decide(Unload(at=self._effects.now()), self._state))
+            self._drive(token=None)
+        return self.status()
+
+    def cancel(self, reason: str = "cancelled by user") -> None:
+        """Cancel every load in flight or queued; each journals how it ended."""
+        with self._state_lock:
+            for flight in self._flights:
+                flight.token.cancel(reason)
+
+    async def aload(self, request: LoadRequest | dict[str, Any]) -> LoadResult:
+        return await asyncio.to_thread(self.load, request)
+
+    async def aunload(self) -> Status:
+        return await asyncio.to_thread(self.unload)
+
+    # --- loads -------------------------------------------------------------------------------
+
+    def _join(self, joined: _Flight) -> LoadResult:
+        self._emit(ev.LoadJoined(at=self._effects.now(), load_id=_new_load_id(),
+                                 joined_load_id=joined.load_id))
+        result = joined.result.result()
+        return LoadResult(**{**_fields(result), "joined": True})
+
+    def _run_load(self, flight: _Flight) -> LoadResult:
+        if flight.token.cancelled:  # superseded while queued: it never started
+            return LoadResult("cancelled", flight.load_id, self._state.state,
+                              error=flight.token.reason)
+        command = Load(flight.load_id, flight.spec, self._effects.now())
+        events = decide(command, self._state)
+        self._emit_all(events)
+        if isinstance(events[0], ev.LoadShortCircuited):
+            return self._result(flight.load_id, "already_loaded")
+        try:
+            self._drive(flight.token)
+        except Cancelled as stop:
+            return self._abort(flight.load_id, "cancelled", stop.reason)
+        except StepFailed as failure:
+            return self._abort(flight.load_id, "failed", failure.error, failure.log_tail)
+        except InvalidRequest as invalid:
+            return self._abort(flight.load_id, "failed", str(invalid))
+        except Exception as exc:  # never leave a half-started server behind
+            log.exception("load %s failed unexpectedly", flight.load_id)
+            return self._abort(flight.load_id, "failed", f"{type(exc).__name__}: {exc}")
+        return self._result(flight.load_id, "loaded")
+
+    def _abort(
+        self, load_id: str, outcome: Literal["cancelled", "failed"], error: str,
+        log_tail: str | None = None,
+    ) -> LoadResult:
+        while self._state.pending is not None and self._state.pending.load_id == load_id:
+            step = abort_step(self._state, outcome, error, self._effects.now())
+            if isinstance(step, Kill):
+                self._kill(step.reason)
+            else:
+                assert isinstance(step, Emit)
+                events = [
+                    e.model_copy(update={"log_tail": log_tail})
+                    if isinstance(e, ev.LoadFailed) else e
+                    for e in step.events
+                ]
+                self._emit_all(events)
+        return self._result(load_id, outcome, error=error, log_tail=log_tail)
+
+    def _result(self, load_id: str, status: Any, *, error: str | None = None,
+                log_tail: str | None = None) -> LoadResult:
+        state = self._state
+        process = state.process
+        return LoadResult(
+            status=status,
+            load_id=load_id,
+            state=state.state,
+            pid=process.pid if process else None,
+            port=process.port if process else None,
+            model_file=state.serving.model.model_file if state.serving else None,
+            error=error,
+            log_tail=log_tail,
+        )
+
+    def _emit_all(self, events: list[ev.Event] | tuple[ev.Event, ...]) -> None:
+        if events:
+            self._emit(*events)
+
+    # --- steps -------------------------------------------------------------------------------
+
+    def _drive(self, token: CancelToken | None) -> None:
+        """Run steps until the pure core says there is nothing left to do."""
+        while (step := next_step(self._state, self._effects.now())) is not None:
+            if token is not None and not isinstance(step, Emit):
+                token.check()  # checkpoint before every effect
+            self._run(step, token or CancelToken())
+
+    def _run(self, step: Step, token: CancelToken) -> None:
+        match step:
+            case Resolve():
+                self._resolve(token)
+            case Kill(reason=reason):
+                self._kill(reason)
+            case Settle():
+                self._settle(token)
+            case Spawn():
+                self._spawn(token)
+            case AwaitHealth():
+                self._await_health(token)
+            case Emit(events=events):
+                self._emit_all(events)
+
+    def _resolve(self, token: CancelToken) -> None:
+        pending = self._state.pending
+        assert pending is not None
+        model = self._effects.resolve(pending.spec, token)
+        self._emit(ev.ModelResolved(at=self._effects.now(), load_id=pending.load_id, model=model))
+
+    def _kill(self, reason: ev.KillReason) -> None:
+        process = self._state.process
+        assert process is not None
+        load_id = self._state.pending.load_id if self._state.pending else None
+        now = self._effects.now
+        self._emit(ev.KillStarted(at=now(), load_id=load_id, pid=process.pid,
+                                  create_time=process.create_time, reason=reason))
+        exited = self._effects.terminate(process, self._kill_grace)
+        if exited is None:
+            self._emit(ev.KillEscalated(at=now(), load_id=load_id, pid=process.pid))
+            exited = self._effects.kill(process, self._kill_grace)
+        if exited is None:
+            raise EngineError(f"llama-server pid {process.pid} survived SIGKILL")
+        self._emit(ev.ProcessExited(at=now(), load_id=load_id, pid=process.pid,
+                                    returncode=exited.returncode))
+
+    def _settle(self, token: CancelToken) -> None:
+        state = self._state
+        assert state.pending is not None
+        load_id = state.pending.load_id
+        now, monotonic = self._effects.now, self._effects.monotonic
+        kill_age = now() - state.last_kill_at if state.last_kill_at is not None else None
+        if state.state != "settling":
+            self._emit(ev.SettleStarted(at=now(), load_id=load_id, kill_age_s=kill_age))
+        token.check()
+        since_kill = monotonic() - kill_age if kill_age is not None else 0.0
+
+        def sampled(sample: list[tuple[int, int]]) -> None:
+            self._emit(ev.VramSampled(at=now(), load_id=load_id, free_mib=tuple(sample)))
+
+        outcome = wait_for_settle(
+            self._effects.probe_vram, since_kill, max_wait=self._settle_max_wait,
+            clock=monotonic, sleep=token.sleep, on_sample=sampled,
+        )
+        self._emit(ev.Settled(at=now(), load_id=load_id, outcome=outcome.kind,
+                              waited_s=round(outcome.waited_s, 6), samples=len(outcome.samples)))
+
+    def _spawn(self, token: CancelToken) -> None:
+        state = self._state
+        pending = state.pending
+        assert pending is not None and pending.model is not None
+        effects = self._effects
+        extra_args = effective_extra_args(
+            pending.spec, pending.model.source, state.extra_args, state.extra_args_source
+        )
+        port = effects.free_port()
+        template = pending.spec.chat_template_override
+        argv = build_argv(
+            effects.binary, pending.model, pending.spec, extra_args, port=port,
+            threads=self._threads,
+            template_file=effects.template_file(template) if template is not None else None,
+        )
+        marker = make_marker(self.journal_id, self.slot, pending.load_id)
+        log_path = effects.log_path(pending.load_id)
+        token.check()
+        self._emit(ev.SpawnStarted(
+            at=effects.now(), load_id=pending.load_id, argv=argv, port=port, marker=marker,
+            log_path=log_path, extra_args=extra_args, extra_args_source=pending.model.source,
+        ))
+        pid, create_time = effects.spawn(argv, marker, log_path)
+        self._emit(ev.Spawned(at=effects.now(), load_id=pending.load_id, pid=pid,
+                              create_time=create_time))
+
+    def _await_health(self, token: CancelToken) -> None:
+        state = self._state
+        process, pending = state.process, state.pending
+        assert process is not None and pending is not None
+        effects = self._effects
+        start = effects.monotonic()
+        try:
+            exited = await_health(
+                lambda: effects.health(process.port),
+                lambda: effects.exit_status(process),
+                token, self._health_timeout, effects.monotonic,
+            )
+        except TimeoutError as exc:
+            tail = effects.log_tail(process.log_path)
+            self._emit(ev.HealthFailed(at=effects.now(), load_id=pending.load_id,
+                                       error=str(exc), log_tail=tail))
+            raise StepFailed(str(exc), tail) from exc
+        if exited is None:
+            self._emit(ev.HealthPassed(at=effects.now(), load_id=pending.load_id,
+                                       waited_s=round(effects.monotonic() - start, 6)))
+            return
+        tail = effects.log_tail(process.log_path)
+        error = f"llama-server exited with code {exited.returncode} before it was healthy"
+        reported = server_error(tail)
+        if reported:
+            error += f": {reported}"
+        self._emit(
+            ev.HealthFailed(at=effects.now(), load_id=pending.load_id, error=error,
+                            returncode=exited.returncode, log_tail=tail),
+            ev.ProcessExited(at=effects.now(), load_id=pending.load_id, pid=process.pid,
+                             returncode=exited.returncode),
+        )
+        raise StepFailed(error, tail)
+
+    # --- crash monitor -----------------------------------------------------------------------
+
+    def _start_monitor(self) -> None:
+        self._monitor = threading.Thread(target=self._watch, name=f"monitor-{self.slot}",
+                                         daemon=True)
+        self._monitor.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(MONITOR_INTERVAL_S):
+            state = self._state
+            if state.state != "ready" or state.process is None:
+                continue
+            if not self._serial.acquire(blocking=False):
+                continue  # a load or unload owns the slot and will see the exit itself
+            try:
+                self.check_crashed()
+            finally:
+                self._serial.release()
+
+    def check_crashed(self) -> bool:
+        """Journal `crashed` if the ready server exited on its own. Caller holds the slot."""
+        state = self._state
+        process = state.process
+        if state.state != "ready" or process is None:
+            return False
+        exited = self._effects.exit_status(process)
+        if exited is None:
+            return False
+        self._emit(ev.Crashed(at=self._effects.now(), pid=process.pid,
+                              returncode=exited.returncode,
+                              log_tail=self._effects.log_tail(process.log_path)))
+        return True
+
+    # --- recovery ----------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Reconcile the replayed state with the real process table (see engine.recovery)."""
+        from engine.recovery import recover
+
+        with self._serial:
+            recover(self)
+
+
+def server_error(log_tail: str) -> str | None:
+    """The server's own last error line, for the user-facing message."""
+    for line in reversed(log_tail.splitlines()):
+        text = line.strip()
+        if "error" in text.lower() or "failed" in text.lower():
+            return text[-300:]
+    return None
+
+
+def _fields(result: LoadResult) -> dict[str, Any]:
+    return {name: getattr(result, name) for name in result.__dataclass_fields__}

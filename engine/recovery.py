@@ -1,0 +1,105 @@
+"""Crash recovery: reconcile the replayed journal with the real process table on open.
+
+* our server (pid + create_time, or its marker when the pid never reached the journal) that
+  answers /health is adopted — a backend restart must not cost a model load;
+* an unhealthy one is killed and the slot ends `failed` with the reason;
+* a kill or unload in progress is finished; a load interrupted before its spawn fails;
+* any process with our marker that the journal does not own is an orphan and is killed;
+  a process without our marker (a user's own llama-server) is never touched.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from engine import events as ev
+from engine.effects import CancelToken, Cancelled
+from engine.health import await_health
+from engine.state import ServerProcess
+
+if TYPE_CHECKING:
+    from engine.orchestrator import Engine
+
+READY_HEALTH_TIMEOUT_S = 10.0
+_IDENTITY_SLACK = 0.01
+
+
+def recover(engine: Engine) -> None:
+    state = engine.state
+    fx = engine._effects
+    now = fx.now
+    prefix = f"{engine.journal_id}/{engine.slot}/"
+    marked = [m for m in fx.marked_processes(engine.journal_id) if m[2].startswith(prefix)]
+    process = state.process
+    if state.state in ("idle", "failed", "crashed") and process is None and not marked:
+        return  # nothing to reconcile
+
+    engine._emit(ev.RecoveryStarted(at=now(), previous_state=state.state))
+
+    ours = None
+    if process is not None:
+        for pid, create_time, marker in marked:
+            same_pid = process.pid and pid == process.pid and (
+                abs(create_time - process.create_time) <= _IDENTITY_SLACK
+            )
+            if same_pid or (not process.pid and marker == process.marker):
+                ours = (pid, create_time, marker)
+    for pid, create_time, marker in marked:
+        if (pid, create_time, marker) != ours:
+            _kill_untracked(engine, pid, create_time, marker)
+
+    if process is not None and ours is None and process.pid:
+        engine._emit(ev.ProcessExited(at=now(), pid=process.pid))  # gone while we were down
+    if process is not None and ours is not None:
+        pid, create_time, marker = ours
+        live = ServerProcess(pid, create_time, process.port, process.load_id, marker,
+                             process.log_path)
+        timeout = READY_HEALTH_TIMEOUT_S if state.state == "ready" else engine._health_timeout
+        adoptable = state.state in ("resolving", "spawning", "warming", "ready")
+        if adoptable and _healthy(engine, live, timeout):
+            engine._emit(
+                ev.RecoveryAdopted(at=now(), pid=pid, create_time=create_time),
+                ev.RecoveryFinished(at=now(), summary=f"adopted healthy llama-server pid {pid}"),
+            )
+            return
+        if process.pid:
+            engine._kill("recovery")
+        else:
+            _kill_untracked(engine, pid, create_time, marker)
+
+    if state.state in ("killing", "unloading", "idle"):
+        engine._emit(ev.RecoveryFinished(at=now(), summary=f"finished interrupted {state.state}"))
+        return
+    if state.state in ("failed", "crashed") and state.pending is None:
+        engine._emit(ev.RecoveryFinished(at=now(), summary="orphans cleaned up"))
+        return
+    reason = (
+        "llama-server was gone or unhealthy when the backend restarted"
+        if state.state == "ready"
+        else f"load interrupted by backend crash (in {state.state})"
+    )
+    load_id = state.pending.load_id if state.pending else None
+    engine._emit(
+        ev.LoadFailed(at=now(), load_id=load_id, error=reason),
+        ev.RecoveryFinished(at=now(), summary=reason),
+    )
+
+
+def _healthy(engine: Engine, live: ServerProcess, timeout: float) -> bool:
+    fx = engine._effects
+    try:
+        exited = await_health(
+            lambda: fx.health(live.port), lambda: fx.exit_status(live), CancelToken(),
+            timeout, fx.monotonic,
+        )
+    except (TimeoutError, Cancelled):
+        return False
+    return exited is None
+
+
+def _kill_untracked(engine: Engine, pid: int, create_time: float, marker: str) -> None:
+    fx = engine._effects
+    victim = ServerProcess(pid, create_time, 0, "", marker, "")
+    if fx.terminate(victim, engine._kill_grace) is None:
+        fx.kill(victim, engine._kill_grace)
+    engine._emit(ev.OrphanKilled(at=fx.now(), pid=pid, create_time=create_time, marker=marker))

@@ -1,0 +1,165 @@
+"""The public request and result types, and how a request becomes a validated `LoadSpec`."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, field_validator
+
+from engine.events import LoadSpec
+from engine.rules import (
+    CACHE_TYPES,
+    MAX_CONTEXT,
+    SPECULATIVE_TYPES,
+    InvalidRequest,
+    check_extra_args,
+    check_text,
+)
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class LoadRequest(BaseModel):
+    """What the Studio backend asks for. Field names match today's Studio backends."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_path: str
+    gguf_variant: str | None = None
+    max_seq_length: int | None = None  # None = not set (inherit), 0 = model native
+    cache_type_kv: str | None = None
+    speculative_type: str | None = None
+    chat_template_override: str | None = None
+    llama_extra_args: list[str] | None = None  # None = inherit, [] = clear
+    hf_token: SecretStr | None = None
+    force: bool = False
+
+    @field_validator("llama_extra_args", mode="before")
+    @classmethod
+    def _args_are_a_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError("must be a list of strings (one token each), not one string")
+        return value
+
+
+def _is_local(model_path: str) -> bool:
+    return (
+        model_path.startswith(("/", "./", "../", "~"))
+        or model_path.lower().endswith(".gguf")
+        or Path(model_path).exists()
+    )
+
+
+def to_spec(request: LoadRequest | dict[str, Any]) -> LoadSpec:
+    """Validate and normalise; every refusal names the field or flag it is about."""
+    if isinstance(request, dict):
+        try:
+            request = LoadRequest(**request)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise InvalidRequest(f"{field}: {first['msg']}") from None
+    for field in ("model_path", "gguf_variant", "cache_type_kv", "speculative_type"):
+        value = getattr(request, field)
+        if value is not None:
+            check_text(field, value)
+    if request.chat_template_override is not None:
+        # Templates are multi-line text: newlines and tabs are fine, other controls are not.
+        check_text("chat_template_override", re.sub(r"[\n\r\t]", " ", request.chat_template_override))
+    extra_args = request.llama_extra_args
+    if extra_args is not None:
+        check_extra_args(extra_args)
+
+    model = request.model_path.strip()
+    if not model:
+        raise InvalidRequest("model_path: must not be empty")
+    if _is_local(model):
+        path = Path(model).expanduser().resolve()
+        if path.is_dir():
+            raise InvalidRequest(f"model_path: {path} is a folder; name the .gguf file in it")
+        if not path.is_file():
+            raise InvalidRequest(f"model_path: no such file: {path}")
+        model = str(path)
+    elif not _REPO_ID.match(model):
+        raise InvalidRequest(
+            f"model_path: {model!r} is neither an existing .gguf file nor a hub repo id "
+            "like 'owner/name'"
+        )
+
+    ctx = request.max_seq_length
+    if ctx is not None and not 0 <= ctx <= MAX_CONTEXT:
+        raise InvalidRequest(f"max_seq_length: must be in 0..{MAX_CONTEXT} (0 = native), got {ctx}")
+    cache = (request.cache_type_kv or "").strip().lower() or None
+    if cache is not None and cache not in CACHE_TYPES:
+        raise InvalidRequest(
+            f"cache_type_kv: {request.cache_type_kv!r} is not one of {', '.join(sorted(CACHE_TYPES))}"
+        )
+    speculative = (request.speculative_type or "").strip().lower() or None
+    if speculative is not None and speculative not in SPECULATIVE_TYPES:
+        raise InvalidRequest(
+            f"speculative_type: {request.speculative_type!r} is not one of "
+            f"{', '.join(sorted(SPECULATIVE_TYPES))}"
+        )
+    variant = (request.gguf_variant or "").strip() or None
+    token = request.hf_token.get_secret_value() if request.hf_token is not None else None
+    return LoadSpec(
+        model=model,
+        variant=variant,
+        max_seq_length=ctx,
+        cache_type_kv=cache,
+        speculative_type=speculative,
+        chat_template_override=request.chat_template_override,
+        extra_args=tuple(extra_args) if extra_args is not None else None,
+        token_fingerprint=token_fingerprint(token),
+        force=request.force,
+    )
+
+
+def token_fingerprint(token: str | None) -> str | None:
+    return hashlib.sha256(token.encode()).hexdigest() if token else None
+
+
+LoadStatus = Literal["loaded", "already_loaded", "cancelled", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    status: LoadStatus
+    load_id: str
+    state: str
+    pid: int | None = None
+    port: int | None = None
+    model_file: str | None = None
+    error: str | None = None
+    log_tail: str | None = None
+    joined: bool = False  # this call joined an identical load already in flight
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("loaded", "already_loaded")
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A consistent snapshot of the slot; never waits for a load in progress."""
+
+    state: str
+    slot: str
+    pid: int | None
+    port: int | None
+    model_path: str | None  # what the request named (path or repo id)
+    model_file: str | None  # the GGUF file the server runs
+    variant: str | None
+    settings: dict[str, Any]
+    extra_args: tuple[str, ...]
+    extra_args_source: str | None
+    loading: str | None  # load id in flight
+    last_error: str | None
+    journal_version: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.journal import Journal
+from engine.orchestrator import Engine
+from engine.tiny_model import write_tiny_model
+from tests.fakes import FakeEffects
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture
+def journal_path(tmp_path: Path) -> Path:
+    return tmp_path / "journal.db"
+
+
+@pytest.fixture
+def fake_engine(journal_path: Path) -> Iterator[tuple[Engine, FakeEffects]]:
+    effects = FakeEffects()
+    engine = Engine.open(journal_path, effects=effects, monitor=False)
+    yield engine, effects
+    engine.close()
+
+
+def rows(journal_path: Path, slot: str = "default") -> list[tuple[int, int, float, str, str]]:
+    journal = Journal.open(journal_path, create=False)
+    try:
+        return list(journal.read_rows(slot))
+    finally:
+        journal.close()

@@ -1,0 +1,44 @@
+from collections import deque
+
+import pytest
+
+from engine.events import EVENT_TYPES
+from engine.machine import STATES, TRANSITION_TABLE, build_machine
+
+
+def test_every_event_type_is_a_legal_trigger_somewhere() -> None:
+    triggers = {trigger for (_, trigger) in TRANSITION_TABLE}
+    assert triggers == set(EVENT_TYPES)
+
+
+def test_every_state_is_reachable_from_idle() -> None:
+    seen, queue = {"idle"}, deque(["idle"])
+    while queue:
+        state = queue.popleft()
+        for (source, _), dest in TRANSITION_TABLE.items():
+            if source == state and dest not in seen:
+                seen.add(dest)
+                queue.append(dest)
+    assert seen == set(STATES)
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_compiled_table_agrees_with_the_transitions_machine(state: str) -> None:
+    for trigger in EVENT_TYPES:
+        machine = build_machine(initial=state)
+        model = machine.models[0]
+        expected = TRANSITION_TABLE.get((state, trigger))
+        if expected is None:
+            with pytest.raises(Exception, match="Can't trigger"):
+                model.trigger(trigger)
+        else:
+            model.trigger(trigger)
+            assert model.state == expected, (state, trigger)
+
+
+def test_machine_has_no_conditions() -> None:
+    machine = build_machine()
+    for event in machine.events.values():
+        for transitions in event.transitions.values():
+            for transition in transitions:
+                assert not transition.conditions  # `unless` guards live here too
