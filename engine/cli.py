@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+from engine.binary import ServerBinaryError
 from engine.journal import Journal, JournalError
 from engine.replay import Step, Until, bounds, replay_steps
 from engine.timeline import clock, delta, key_fields
@@ -39,16 +40,26 @@ def _steps(journal_path: str, slot: str, until: Until) -> list[Step]:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    steps = _steps(args.journal, args.slot, _until(args.until))
     if args.json:
+        steps = _steps(args.journal, args.slot, _until(args.until))
         for step in steps:
-            print(json.dumps({
-                "seq": step.seq,
-                "at": step.at,
-                "state": step.state.state,
-                "event": step.event.model_dump(mode="json"),
-            }))
+            print(
+                json.dumps(
+                    {
+                        "seq": step.seq,
+                        "at": step.at,
+                        "state": step.state.state,
+                        "event": step.event.model_dump(mode="json"),
+                    }
+                )
+            )
         return 0
+    print_timeline(args.journal, args.slot, _until(args.until))
+    return 0
+
+
+def print_timeline(journal: str, slot: str, until: Until) -> None:
+    steps = _steps(journal, slot, until)
     header = f"{'seq':>6}  {'time (UTC)':23}  {'delta':>9}  {'event':22} {'state after':12} details"
     print(header)
     print("-" * len(header))
@@ -60,8 +71,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         )
         previous = step.at
     final = steps[-1].state.state if steps else "idle"
-    print(f"\n{len(steps)} events; slot {args.slot!r} is {final!r}")
-    return 0
+    print(f"\n{len(steps)} events; slot {slot!r} is {final!r}")
 
 
 def cmd_diagram(args: argparse.Namespace) -> int:
@@ -96,11 +106,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
             for step in replay_steps(journal.read_rows(stream)):
                 count += 1
                 state = step.state
-            print(f"slot {stream!r}: {count} events, final state {state.state if state else 'idle'!r}")
+            print(
+                f"slot {stream!r}: {count} events, final state {state.state if state else 'idle'!r}"
+            )
     finally:
         journal.close()
     print(f"ok: {len(streams)} slot(s) replay cleanly")
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from engine.demo import run_demo
+
+    return run_demo(Path(args.dir))
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -137,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("journal")
     verify.set_defaults(func=cmd_verify)
 
+    demo = sub.add_parser("demo", help="walk a real session against a real llama-server")
+    demo.add_argument("--dir", default="var/demo", help="where the journal, model and logs go")
+    demo.set_defaults(func=cmd_demo)
+
     db = sub.add_parser("db", help="journal schema management")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     upgrade = db_sub.add_parser("upgrade", help="upgrade a journal's schema to this engine's head")
@@ -150,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (JournalError, argparse.ArgumentTypeError) as exc:
+    except (JournalError, ServerBinaryError, argparse.ArgumentTypeError) as exc:
         print(f"studio-engine: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

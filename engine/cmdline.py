@@ -30,11 +30,16 @@ def build_argv(
 ) -> tuple[str, ...]:
     argv = [
         binary,
-        "-m", model.model_file,
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "-c", str(spec.max_seq_length or 0),
-        "--parallel", "1",
+        "-m",
+        model.model_file,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-c",
+        str(spec.max_seq_length or 0),
+        "--parallel",
+        "1",
         "--no-context-shift",
     ]
     if gpu_offload:

@@ -33,7 +33,9 @@ def edges(machine: Machine) -> dict[tuple[str, str], list[str]]:
     return result
 
 
-def mermaid(machine: Machine | None = None, counts: Counter[tuple[str, str, str]] | None = None) -> str:
+def mermaid(
+    machine: Machine | None = None, counts: Counter[tuple[str, str, str]] | None = None
+) -> str:
     """stateDiagram-v2 text. With `counts` ((source, trigger, dest) -> n) only taken edges are
     drawn, each labelled with how often the journal took it."""
     machine = machine if machine is not None else build_machine()
@@ -51,7 +53,7 @@ def mermaid(machine: Machine | None = None, counts: Counter[tuple[str, str, str]
                 taken = [(t, n) for t, n in taken if n]
             if not taken:
                 continue
-            label = ", ".join(f"{t} ×{n}" for t, n in taken)
+            label = ", ".join(f"{t} x{n}" for t, n in taken)
         else:
             label = ", ".join(triggers)
         lines.append(f"    {source} --> {dest} : {label}")

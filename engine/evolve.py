@@ -46,7 +46,9 @@ def _pending(state: SlotState) -> PendingLoad:
 
 @_on(ev.LoadRequested)
 def _load_requested(state: SlotState, e: ev.LoadRequested) -> SlotState:
-    return replace(state, pending=PendingLoad(load_id=e.load_id or "", spec=e.spec), last_error=None)
+    return replace(
+        state, pending=PendingLoad(load_id=e.load_id or "", spec=e.spec), last_error=None
+    )
 
 
 @_on(ev.ModelResolved)

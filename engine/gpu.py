@@ -8,6 +8,7 @@ than `max_wait`, probe time included, and not at all when there is nothing to wa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -138,7 +139,8 @@ class NvmlProbe:
 
     def __init__(self, visible_devices: str | None = None) -> None:
         self._visible = (
-            visible_devices if visible_devices is not None
+            visible_devices
+            if visible_devices is not None
             else os.environ.get("CUDA_VISIBLE_DEVICES")
         )
         self._lock = threading.Lock()
@@ -166,7 +168,8 @@ class NvmlProbe:
                 chosen += [(i, h) for i, h in handles if i == int(token)]
             else:
                 chosen += [
-                    (i, h) for i, h in handles
+                    (i, h)
+                    for i, h in handles
                     if _text(pynvml.nvmlDeviceGetUUID(h)).startswith(token)
                 ]
         return chosen
@@ -188,10 +191,8 @@ class NvmlProbe:
 
         with self._lock:
             if self._initialised:
-                try:
+                with contextlib.suppress(pynvml.NVMLError):
                     pynvml.nvmlShutdown()
-                except pynvml.NVMLError:
-                    pass
             self._initialised = False
             self._handles = None
 

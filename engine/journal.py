@@ -136,7 +136,9 @@ class Journal:
         kwargs: dict[str, Any] = {}
         if url.get_backend_name() == "sqlite":
             if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-                raise JournalError(f"synchronous must be OFF/NORMAL/FULL/EXTRA, not {synchronous!r}")
+                raise JournalError(
+                    f"synchronous must be OFF/NORMAL/FULL/EXTRA, not {synchronous!r}"
+                )
             _prepare_sqlite_file(url, create)
             kwargs["connect_args"] = {"check_same_thread": False}
             if url.database in (None, "", ":memory:"):
@@ -252,7 +254,7 @@ class Journal:
         sql += " ORDER BY version"
         with self.engine.connect() as conn:
             result = conn.execution_options(yield_per=2000).execute(sa.text(sql), params)
-            yield from result  # type: ignore[misc]  # Rows unpack like tuples
+            yield from result
 
     def read(self, stream: str, **bounds: Any) -> Iterator[Recorded]:
         """Decoded events; a garbage payload or an event from a newer schema names its seq."""
@@ -286,11 +288,14 @@ def decode_row(seq: int, type_: str, payload: str) -> Event:
         first = exc.errors()[0]
         loc = [str(part) for part in first["loc"]]
         where = ".".join(loc[1:] if loc[:1] == [type_] else loc) or "payload"
-        raise CorruptJournal(seq, f"unreadable {type_!r} payload ({where}: {first['msg']})") from exc
+        raise CorruptJournal(
+            seq, f"unreadable {type_!r} payload ({where}: {first['msg']})"
+        ) from exc
     if event.schema_version > SCHEMA_VERSION:
         raise CorruptJournal(
-            seq, f"written with event schema v{event.schema_version}, newer than this engine's "
-            f"v{SCHEMA_VERSION}; upgrade studio-engine"
+            seq,
+            f"written with event schema v{event.schema_version}, newer than this engine's "
+            f"v{SCHEMA_VERSION}; upgrade studio-engine",
         )
     if event.type != type_:
         raise CorruptJournal(seq, f"type column says {type_!r} but the payload is {event.type!r}")

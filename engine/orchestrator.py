@@ -215,9 +215,16 @@ class Engine:
             model_file=served.model.model_file if served else None,
             variant=served.model.variant if served else None,
             settings=(
-                spec.model_dump(include={"max_seq_length", "cache_type_kv", "speculative_type",
-                                          "chat_template_override"})
-                if spec else {}
+                spec.model_dump(
+                    include={
+                        "max_seq_length",
+                        "cache_type_kv",
+                        "speculative_type",
+                        "chat_template_override",
+                    }
+                )
+                if spec
+                else {}
             ),
             extra_args=state.extra_args,
             extra_args_source=state.extra_args_source,
@@ -231,8 +238,10 @@ class Engine:
         an identical one joins the load in flight."""
         spec = to_spec(request)  # InvalidRequest before anything is journaled
         with self._state_lock:
-            joined = next((f for f in reversed(self._flights)
-                           if f.spec == spec and not f.token.cancelled), None)
+            joined = next(
+                (f for f in reversed(self._flights) if f.spec == spec and not f.token.cancelled),
+                None,
+            )
             if joined is None:
                 for earlier in self._flights:
                     earlier.token.cancel("superseded by a newer load")
@@ -275,15 +284,19 @@ class Engine:
     # --- loads -------------------------------------------------------------------------------
 
     def _join(self, joined: _Flight) -> LoadResult:
-        self._emit(ev.LoadJoined(at=self._effects.now(), load_id=_new_load_id(),
-                                 joined_load_id=joined.load_id))
+        self._emit(
+            ev.LoadJoined(
+                at=self._effects.now(), load_id=_new_load_id(), joined_load_id=joined.load_id
+            )
+        )
         result = joined.result.result()
         return LoadResult(**{**_fields(result), "joined": True})
 
     def _run_load(self, flight: _Flight) -> LoadResult:
         if flight.token.cancelled:  # superseded while queued: it never started
-            return LoadResult("cancelled", flight.load_id, self._state.state,
-                              error=flight.token.reason)
+            return LoadResult(
+                "cancelled", flight.load_id, self._state.state, error=flight.token.reason
+            )
         command = Load(flight.load_id, flight.spec, self._effects.now())
         events = decide(command, self._state)
         self._emit_all(events)
@@ -303,7 +316,10 @@ class Engine:
         return self._result(flight.load_id, "loaded")
 
     def _abort(
-        self, load_id: str, outcome: Literal["cancelled", "failed"], error: str,
+        self,
+        load_id: str,
+        outcome: Literal["cancelled", "failed"],
+        error: str,
         log_tail: str | None = None,
     ) -> LoadResult:
         while self._state.pending is not None and self._state.pending.load_id == load_id:
@@ -314,14 +330,16 @@ class Engine:
                 assert isinstance(step, Emit)
                 events = [
                     e.model_copy(update={"log_tail": log_tail})
-                    if isinstance(e, ev.LoadFailed) else e
+                    if isinstance(e, ev.LoadFailed)
+                    else e
                     for e in step.events
                 ]
                 self._emit_all(events)
         return self._result(load_id, outcome, error=error, log_tail=log_tail)
 
-    def _result(self, load_id: str, status: Any, *, error: str | None = None,
-                log_tail: str | None = None) -> LoadResult:
+    def _result(
+        self, load_id: str, status: Any, *, error: str | None = None, log_tail: str | None = None
+    ) -> LoadResult:
         state = self._state
         process = state.process
         return LoadResult(
@@ -374,16 +392,26 @@ class Engine:
         assert process is not None
         load_id = self._state.pending.load_id if self._state.pending else None
         now = self._effects.now
-        self._emit(ev.KillStarted(at=now(), load_id=load_id, pid=process.pid,
-                                  create_time=process.create_time, reason=reason))
+        self._emit(
+            ev.KillStarted(
+                at=now(),
+                load_id=load_id,
+                pid=process.pid,
+                create_time=process.create_time,
+                reason=reason,
+            )
+        )
         exited = self._effects.terminate(process, self._kill_grace)
         if exited is None:
             self._emit(ev.KillEscalated(at=now(), load_id=load_id, pid=process.pid))
             exited = self._effects.kill(process, self._kill_grace)
         if exited is None:
             raise EngineError(f"llama-server pid {process.pid} survived SIGKILL")
-        self._emit(ev.ProcessExited(at=now(), load_id=load_id, pid=process.pid,
-                                    returncode=exited.returncode))
+        self._emit(
+            ev.ProcessExited(
+                at=now(), load_id=load_id, pid=process.pid, returncode=exited.returncode
+            )
+        )
 
     def _settle(self, token: CancelToken) -> None:
         state = self._state
@@ -400,11 +428,22 @@ class Engine:
             self._emit(ev.VramSampled(at=now(), load_id=load_id, free_mib=tuple(sample)))
 
         outcome = wait_for_settle(
-            self._effects.probe_vram, since_kill, max_wait=self._settle_max_wait,
-            clock=monotonic, sleep=token.sleep, on_sample=sampled,
+            self._effects.probe_vram,
+            since_kill,
+            max_wait=self._settle_max_wait,
+            clock=monotonic,
+            sleep=token.sleep,
+            on_sample=sampled,
         )
-        self._emit(ev.Settled(at=now(), load_id=load_id, outcome=outcome.kind,
-                              waited_s=round(outcome.waited_s, 6), samples=len(outcome.samples)))
+        self._emit(
+            ev.Settled(
+                at=now(),
+                load_id=load_id,
+                outcome=outcome.kind,
+                waited_s=round(outcome.waited_s, 6),
+                samples=len(outcome.samples),
+            )
+        )
 
     def _spawn(self, token: CancelToken) -> None:
         state = self._state
@@ -417,20 +456,33 @@ class Engine:
         port = effects.free_port()
         template = pending.spec.chat_template_override
         argv = build_argv(
-            effects.binary, pending.model, pending.spec, extra_args, port=port,
+            effects.binary,
+            pending.model,
+            pending.spec,
+            extra_args,
+            port=port,
             threads=self._threads,
             template_file=effects.template_file(template) if template is not None else None,
         )
         marker = make_marker(self.journal_id, self.slot, pending.load_id)
         log_path = effects.log_path(pending.load_id)
         token.check()
-        self._emit(ev.SpawnStarted(
-            at=effects.now(), load_id=pending.load_id, argv=argv, port=port, marker=marker,
-            log_path=log_path, extra_args=extra_args, extra_args_source=pending.model.source,
-        ))
+        self._emit(
+            ev.SpawnStarted(
+                at=effects.now(),
+                load_id=pending.load_id,
+                argv=argv,
+                port=port,
+                marker=marker,
+                log_path=log_path,
+                extra_args=extra_args,
+                extra_args_source=pending.model.source,
+            )
+        )
         pid, create_time = effects.spawn(argv, marker, log_path)
-        self._emit(ev.Spawned(at=effects.now(), load_id=pending.load_id, pid=pid,
-                              create_time=create_time))
+        self._emit(
+            ev.Spawned(at=effects.now(), load_id=pending.load_id, pid=pid, create_time=create_time)
+        )
 
     def _await_health(self, token: CancelToken) -> None:
         state = self._state
@@ -442,16 +494,26 @@ class Engine:
             exited = await_health(
                 lambda: effects.health(process.port),
                 lambda: effects.exit_status(process),
-                token, self._health_timeout, effects.monotonic,
+                token,
+                self._health_timeout,
+                effects.monotonic,
             )
         except TimeoutError as exc:
             tail = effects.log_tail(process.log_path)
-            self._emit(ev.HealthFailed(at=effects.now(), load_id=pending.load_id,
-                                       error=str(exc), log_tail=tail))
+            self._emit(
+                ev.HealthFailed(
+                    at=effects.now(), load_id=pending.load_id, error=str(exc), log_tail=tail
+                )
+            )
             raise StepFailed(str(exc), tail) from exc
         if exited is None:
-            self._emit(ev.HealthPassed(at=effects.now(), load_id=pending.load_id,
-                                       waited_s=round(effects.monotonic() - start, 6)))
+            self._emit(
+                ev.HealthPassed(
+                    at=effects.now(),
+                    load_id=pending.load_id,
+                    waited_s=round(effects.monotonic() - start, 6),
+                )
+            )
             return
         tail = effects.log_tail(process.log_path)
         error = f"llama-server exited with code {exited.returncode} before it was healthy"
@@ -459,18 +521,28 @@ class Engine:
         if reported:
             error += f": {reported}"
         self._emit(
-            ev.HealthFailed(at=effects.now(), load_id=pending.load_id, error=error,
-                            returncode=exited.returncode, log_tail=tail),
-            ev.ProcessExited(at=effects.now(), load_id=pending.load_id, pid=process.pid,
-                             returncode=exited.returncode),
+            ev.HealthFailed(
+                at=effects.now(),
+                load_id=pending.load_id,
+                error=error,
+                returncode=exited.returncode,
+                log_tail=tail,
+            ),
+            ev.ProcessExited(
+                at=effects.now(),
+                load_id=pending.load_id,
+                pid=process.pid,
+                returncode=exited.returncode,
+            ),
         )
         raise StepFailed(error, tail)
 
     # --- crash monitor -----------------------------------------------------------------------
 
     def _start_monitor(self) -> None:
-        self._monitor = threading.Thread(target=self._watch, name=f"monitor-{self.slot}",
-                                         daemon=True)
+        self._monitor = threading.Thread(
+            target=self._watch, name=f"monitor-{self.slot}", daemon=True
+        )
         self._monitor.start()
 
     def _watch(self) -> None:
@@ -494,9 +566,14 @@ class Engine:
         exited = self._effects.exit_status(process)
         if exited is None:
             return False
-        self._emit(ev.Crashed(at=self._effects.now(), pid=process.pid,
-                              returncode=exited.returncode,
-                              log_tail=self._effects.log_tail(process.log_path)))
+        self._emit(
+            ev.Crashed(
+                at=self._effects.now(),
+                pid=process.pid,
+                returncode=exited.returncode,
+                log_tail=self._effects.log_tail(process.log_path),
+            )
+        )
         return True
 
     # --- recovery ----------------------------------------------------------------------------

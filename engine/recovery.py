@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from engine import events as ev
-from engine.effects import CancelToken, Cancelled
+from engine.effects import Cancelled, CancelToken
 from engine.health import await_health
 from engine.state import ServerProcess
 
@@ -39,8 +39,10 @@ def recover(engine: Engine) -> None:
     ours = None
     if process is not None:
         for pid, create_time, marker in marked:
-            same_pid = process.pid and pid == process.pid and (
-                abs(create_time - process.create_time) <= _IDENTITY_SLACK
+            same_pid = (
+                process.pid
+                and pid == process.pid
+                and (abs(create_time - process.create_time) <= _IDENTITY_SLACK)
             )
             if same_pid or (not process.pid and marker == process.marker):
                 ours = (pid, create_time, marker)
@@ -52,8 +54,9 @@ def recover(engine: Engine) -> None:
         engine._emit(ev.ProcessExited(at=now(), pid=process.pid))  # gone while we were down
     if process is not None and ours is not None:
         pid, create_time, marker = ours
-        live = ServerProcess(pid, create_time, process.port, process.load_id, marker,
-                             process.log_path)
+        live = ServerProcess(
+            pid, create_time, process.port, process.load_id, marker, process.log_path
+        )
         timeout = READY_HEALTH_TIMEOUT_S if state.state == "ready" else engine._health_timeout
         adoptable = state.state in ("resolving", "spawning", "warming", "ready")
         if adoptable and _healthy(engine, live, timeout):
@@ -89,8 +92,11 @@ def _healthy(engine: Engine, live: ServerProcess, timeout: float) -> bool:
     fx = engine._effects
     try:
         exited = await_health(
-            lambda: fx.health(live.port), lambda: fx.exit_status(live), CancelToken(),
-            timeout, fx.monotonic,
+            lambda: fx.health(live.port),
+            lambda: fx.exit_status(live),
+            CancelToken(),
+            timeout,
+            fx.monotonic,
         )
     except (TimeoutError, Cancelled):
         return False

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from engine.events import Event
 from engine.evolve import IllegalTransition, evolve
@@ -25,7 +26,7 @@ class Step:
     state: SlotState
 
 
-def bounds(until: Until) -> dict[str, float | int]:
+def bounds(until: Until) -> dict[str, Any]:
     if until is None:
         return {}
     if isinstance(until, datetime):
@@ -61,9 +62,7 @@ def replay_state(
     return state
 
 
-def replay(
-    url: str | os.PathLike[str], slot: str = "default", until: Until = None
-) -> SlotState:
+def replay(url: str | os.PathLike[str], slot: str = "default", until: Until = None) -> SlotState:
     """The slot state after the journal at `url` (or after sequence number / time `until`)."""
     journal = Journal.open(url)
     try:
@@ -72,9 +71,7 @@ def replay(
         journal.close()
 
 
-def timeline(
-    url: str | os.PathLike[str], slot: str = "default", until: Until = None
-) -> list[Step]:
+def timeline(url: str | os.PathLike[str], slot: str = "default", until: Until = None) -> list[Step]:
     journal = Journal.open(url)
     try:
         return list(replay_steps(journal.read_rows(slot, **bounds(until))))

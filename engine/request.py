@@ -69,7 +69,9 @@ def to_spec(request: LoadRequest | dict[str, Any]) -> LoadSpec:
             check_text(field, value)
     if request.chat_template_override is not None:
         # Templates are multi-line text: newlines and tabs are fine, other controls are not.
-        check_text("chat_template_override", re.sub(r"[\n\r\t]", " ", request.chat_template_override))
+        check_text(
+            "chat_template_override", re.sub(r"[\n\r\t]", " ", request.chat_template_override)
+        )
     extra_args = request.llama_extra_args
     if extra_args is not None:
         check_extra_args(extra_args)
@@ -96,7 +98,8 @@ def to_spec(request: LoadRequest | dict[str, Any]) -> LoadSpec:
     cache = (request.cache_type_kv or "").strip().lower() or None
     if cache is not None and cache not in CACHE_TYPES:
         raise InvalidRequest(
-            f"cache_type_kv: {request.cache_type_kv!r} is not one of {', '.join(sorted(CACHE_TYPES))}"
+            f"cache_type_kv: {request.cache_type_kv!r} is not one of "
+            f"{', '.join(sorted(CACHE_TYPES))}"
         )
     speculative = (request.speculative_type or "").strip().lower() or None
     if speculative is not None and speculative not in SPECULATIVE_TYPES:

@@ -21,10 +21,31 @@ MAX_CONTEXT: Final = 1 << 24
 
 # Flags that take no value; every other flag consumes the next token unless it is a flag.
 BOOLEAN_FLAGS: Final = frozenset(
-    {"--spec-default", "--jinja", "--no-jinja", "--no-mmap", "--mlock", "--verbose", "-v",
-     "--no-warmup", "--cont-batching", "-cb", "--no-cont-batching", "--context-shift",
-     "--no-context-shift", "--no-kv-offload", "-nkvo", "--check-tensors", "--no-perf",
-     "--metrics", "--slots", "--no-slots", "--props", "--log-disable", "--swa-full"}
+    {
+        "--spec-default",
+        "--jinja",
+        "--no-jinja",
+        "--no-mmap",
+        "--mlock",
+        "--verbose",
+        "-v",
+        "--no-warmup",
+        "--cont-batching",
+        "-cb",
+        "--no-cont-batching",
+        "--context-shift",
+        "--no-context-shift",
+        "--no-kv-offload",
+        "-nkvo",
+        "--check-tensors",
+        "--no-perf",
+        "--metrics",
+        "--slots",
+        "--no-slots",
+        "--props",
+        "--log-disable",
+        "--swa-full",
+    }
 )
 
 # Groups of inherited flags that shadow a first-class setting, keyed by the request field.
@@ -32,12 +53,24 @@ SHADOW_GROUPS: Final[dict[str, frozenset[str]]] = {
     "max_seq_length": frozenset({"-c", "--ctx-size"}),
     "cache_type_kv": frozenset({"-ctk", "--cache-type-k", "-ctv", "--cache-type-v"}),
     "speculative_type": frozenset(
-        {"--spec-default", "--spec-type", "--spec-ngram-size-n", "--draft-min", "--draft-max",
-         "--model-draft", "-md"}
+        {
+            "--spec-default",
+            "--spec-type",
+            "--spec-ngram-size-n",
+            "--draft-min",
+            "--draft-max",
+            "--model-draft",
+            "-md",
+        }
     ),
     "chat_template_override": frozenset(
-        {"--chat-template", "--chat-template-file", "--chat-template-kwargs", "--jinja",
-         "--no-jinja"}
+        {
+            "--chat-template",
+            "--chat-template-file",
+            "--chat-template-kwargs",
+            "--jinja",
+            "--no-jinja",
+        }
     ),
 }
 _SPEC_PREFIXES: Final = ("--spec-", "--draft-", "--draft")
@@ -45,31 +78,58 @@ _SPEC_PREFIXES: Final = ("--spec-", "--draft-", "--draft")
 # What the engine manages: user extra args may never set these (contract rule 5).
 DENIED_FLAGS: Final[dict[str, str]] = {
     **dict.fromkeys(
-        ("-m", "--model", "-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file",
-         "-hft", "--hf-token", "-mm", "--mmproj", "-mmu", "--mmproj-url", "-dr",
-         "--docker-repo", "-hfv", "-hffv"),
+        (
+            "-m",
+            "--model",
+            "-mu",
+            "--model-url",
+            "-hf",
+            "-hfr",
+            "--hf-repo",
+            "-hff",
+            "--hf-file",
+            "-hft",
+            "--hf-token",
+            "-mm",
+            "--mmproj",
+            "-mmu",
+            "--mmproj-url",
+            "-dr",
+            "--docker-repo",
+            "-hfv",
+            "-hffv",
+        ),
         "model identity",
     ),
-    **dict.fromkeys(
-        ("--host", "--port", "--path", "--api-prefix", "--reuse-port"), "network"
-    ),
+    **dict.fromkeys(("--host", "--port", "--path", "--api-prefix", "--reuse-port"), "network"),
     **dict.fromkeys(
         ("--api-key", "--api-key-file", "--ssl-key-file", "--ssl-cert-file"), "auth/TLS"
     ),
     **dict.fromkeys(
-        ("--ui", "--no-ui", "--webui", "--no-webui", "--ui-config", "--ui-config-file",
-         "--ui-mcp-proxy", "--no-ui-mcp-proxy"),
+        (
+            "--ui",
+            "--no-ui",
+            "--webui",
+            "--no-webui",
+            "--ui-config",
+            "--ui-config-file",
+            "--ui-mcp-proxy",
+            "--no-ui-mcp-proxy",
+        ),
         "web UI",
     ),
     **dict.fromkeys(("-np", "--parallel", "--n-parallel"), "parallel slots"),
     **dict.fromkeys(
-        ("--models-dir", "--models-preset", "--models-max", "--models-autoload",
-         "--no-models-autoload"),
+        (
+            "--models-dir",
+            "--models-preset",
+            "--models-max",
+            "--models-autoload",
+            "--no-models-autoload",
+        ),
         "model router",
     ),
-    **dict.fromkeys(
-        ("--embedding", "--embeddings", "--rerank", "--reranking"), "server mode"
-    ),
+    **dict.fromkeys(("--embedding", "--embeddings", "--rerank", "--reranking"), "server mode"),
     "--tools": "tools",
     "--log-file": "log file",
     "--slot-save-path": "slot save path",
@@ -182,8 +242,11 @@ def check_extra_args(extra_args: Iterable[str]) -> None:
         denied = DENIED_FLAGS.get(name)
         if denied is None:
             denied = next(
-                (DENIED_FLAGS[f] for f in _ATTACHED_VALUE_FLAGS
-                 if token.startswith(f) and token[len(f):].isdigit()),
+                (
+                    DENIED_FLAGS[f]
+                    for f in _ATTACHED_VALUE_FLAGS
+                    if token.startswith(f) and token[len(f) :].isdigit()
+                ),
                 None,
             )
         if denied is not None:

@@ -38,8 +38,13 @@ def write_tiny_model(
     seed: int = 0,
     native_ctx: int = NATIVE_CTX,
     name: str = "studio-engine tiny llama",
+    wrong_shape: bool = False,
 ) -> Path:
-    """Write the model to `path` (parents created) and return the path."""
+    """Write the model to `path` (parents created) and return the path.
+
+    `wrong_shape=True` writes a file whose header reads fine but whose attention tensor has
+    the wrong shape: llama-server starts, then dies while loading it (a warm-up crash).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -74,7 +79,8 @@ def write_tiny_model(
     for layer in range(N_LAYERS):
         prefix = f"blk.{layer}"
         writer.add_tensor(f"{prefix}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        writer.add_tensor(f"{prefix}.attn_q.weight", weight(N_EMBD, N_EMBD))
+        q_rows = N_EMBD + 8 if wrong_shape else N_EMBD
+        writer.add_tensor(f"{prefix}.attn_q.weight", weight(q_rows, N_EMBD))
         writer.add_tensor(f"{prefix}.attn_k.weight", weight(N_HEAD_KV * head_dim, N_EMBD))
         writer.add_tensor(f"{prefix}.attn_v.weight", weight(N_HEAD_KV * head_dim, N_EMBD))
         writer.add_tensor(f"{prefix}.attn_output.weight", weight(N_EMBD, N_EMBD))

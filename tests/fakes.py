@@ -20,6 +20,7 @@ class FakeEffects:
         self.clock = 1_800_000_000.0
         self.alive: dict[int, bool] = {}
         self.crashy: set[int] = set()
+        self.crashy_ports: set[int] = set()
         self.spawned: list[tuple[str, ...]] = []
         self.next_pid = 1000
         self.next_port = 20000
@@ -54,6 +55,7 @@ class FakeEffects:
         self.alive[pid] = True
         if "crashy" in Path(argv[argv.index("-m") + 1]).name:
             self.crashy.add(pid)
+            self.crashy_ports.add(int(argv[argv.index("--port") + 1]))
         self.spawned.append(tuple(argv))
         self.max_alive = max(self.max_alive, sum(self.alive.values()))
         return pid, float(pid)
@@ -61,7 +63,9 @@ class FakeEffects:
     def exit_status(self, process: ServerProcess) -> Exited | None:
         if process.pid in self.crashy:
             self.alive[process.pid] = False
-        return None if self.alive.get(process.pid) else Exited(1 if process.pid in self.crashy else 0)
+        return (
+            None if self.alive.get(process.pid) else Exited(1 if process.pid in self.crashy else 0)
+        )
 
     def terminate(self, process: ServerProcess, grace: float) -> Exited | None:
         self.alive[process.pid] = False
@@ -71,7 +75,7 @@ class FakeEffects:
         return self.terminate(process, grace)
 
     def health(self, port: int) -> Health:
-        return "down" if self.crashy else "ok"
+        return "down" if port in self.crashy_ports else "ok"
 
     def log_tail(self, log_path: str) -> str:
         return "error: fake server failed to load"

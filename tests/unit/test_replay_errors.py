@@ -31,16 +31,18 @@ def _corrupt(path: Path, sql: str) -> None:
 
 def test_illegal_event_names_its_sequence_number(journal_path: Path) -> None:
     # Appending bypasses evolve, as a hand-edited or buggy writer would.
-    _write(journal_path, ev.LoadRequested(at=1.0, load_id="a", spec=SPEC),
-           ev.Unloaded(at=2.0))
-    with pytest.raises(CorruptJournal, match=r"#2: 'unloaded' is not a legal transition from "
-                                             r"state 'resolving'"):
+    _write(journal_path, ev.LoadRequested(at=1.0, load_id="a", spec=SPEC), ev.Unloaded(at=2.0))
+    with pytest.raises(
+        CorruptJournal,
+        match=r"#2: 'unloaded' is not a legal transition from "
+        r"state 'resolving'",
+    ):
         replay(journal_path)
 
 
 def test_garbage_payload_names_its_sequence_number(journal_path: Path) -> None:
     _write(journal_path, ev.LoadRequested(at=1.0, load_id="a", spec=SPEC))
-    _corrupt(journal_path, "UPDATE events SET payload = '{\"type\": \"load_req' WHERE seq = 1")
+    _corrupt(journal_path, 'UPDATE events SET payload = \'{"type": "load_req\' WHERE seq = 1')
     with pytest.raises(CorruptJournal, match=r"#1: unreadable 'load_requested' payload"):
         replay(journal_path)
 
@@ -55,8 +57,15 @@ def test_truncated_payload_missing_field(journal_path: Path) -> None:
 
 def test_event_from_a_future_schema(journal_path: Path) -> None:
     _write(journal_path, ev.LoadRequested(at=1.0, load_id="a", spec=SPEC))
-    payload = json.dumps({"type": "load_requested", "at": 1.0, "schema_version": 9,
-                          "spec": {"model": "/m.gguf"}, "new_field": 1})
+    payload = json.dumps(
+        {
+            "type": "load_requested",
+            "at": 1.0,
+            "schema_version": 9,
+            "spec": {"model": "/m.gguf"},
+            "new_field": 1,
+        }
+    )
     _corrupt(journal_path, f"UPDATE events SET payload = '{payload}' WHERE seq = 1")
     with pytest.raises(CorruptJournal, match=r"#1: written with event schema v9, newer"):
         replay(journal_path)
@@ -70,8 +79,11 @@ def test_journal_from_a_newer_schema_revision_is_refused(journal_path: Path) -> 
 
 
 def test_missing_events_are_reported(journal_path: Path) -> None:
-    _write(journal_path, ev.LoadRequested(at=1.0, load_id="a", spec=SPEC),
-           ev.LoadCancelled(at=2.0, load_id="a", reason="x"))
+    _write(
+        journal_path,
+        ev.LoadRequested(at=1.0, load_id="a", spec=SPEC),
+        ev.LoadCancelled(at=2.0, load_id="a", reason="x"),
+    )
     _corrupt(journal_path, "DELETE FROM events WHERE seq = 1")
     with pytest.raises(CorruptJournal, match=r"#2: version 2 follows 0: events missing"):
         replay(journal_path)

@@ -46,8 +46,13 @@ def test_replay_of_every_prefix_equals_the_live_state(script: list[tuple]) -> No
             for command in script:
                 match command:
                     case ("load", model, ctx, extras):
-                        engine.load(LoadRequest(model_path=str(folder / model),
-                                                max_seq_length=ctx, llama_extra_args=extras))
+                        engine.load(
+                            LoadRequest(
+                                model_path=str(folder / model),
+                                max_seq_length=ctx,
+                                llama_extra_args=extras,
+                            )
+                        )
                     case ("unload",):
                         engine.unload()
                     case ("cancel",):

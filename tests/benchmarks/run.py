@@ -1,0 +1,256 @@
+"""`make bench`: figures and ratios measured side by side in one run (no assertions).
+
+python -m tests.benchmarks.run [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from engine import events as ev
+from engine.journal import Journal
+from engine.orchestrator import Engine
+from engine.replay import replay_state
+from engine.request import LoadRequest
+from engine.tiny_model import write_tiny_model
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _row(name: str, value: str, target: str = "") -> None:
+    print(f"  {name:46} {value:>28}   {target}")
+
+
+def bench_append(folder: Path, n: int) -> None:
+    """Durable append (WAL, synchronous=FULL) through the journal vs a raw sqlite3 loop."""
+    event = ev.LoadJoined(at=time.time(), load_id="bench", joined_load_id="other")
+    payload = event.model_dump_json()
+
+    raw_path = folder / "raw.db"
+    raw = sqlite3.connect(raw_path, isolation_level=None)
+    raw.execute("PRAGMA journal_mode=WAL")
+    raw.execute("PRAGMA synchronous=FULL")
+    raw.execute("PRAGMA busy_timeout=5000")
+    raw.execute(
+        "CREATE TABLE events (seq INTEGER PRIMARY KEY, stream TEXT, version INT, "
+        "type TEXT, schema_version INT, at REAL, payload TEXT, load_id TEXT, "
+        "UNIQUE(stream, version))"
+    )
+
+    def raw_append(version: int) -> None:
+        raw.execute("BEGIN")
+        raw.execute(
+            "INSERT INTO events (stream, version, type, schema_version, at, payload, "
+            "load_id) VALUES (?,?,?,?,?,?,?)",
+            ("default", version, "load_joined", 1, event.at, payload, "bench"),
+        )
+        raw.execute("COMMIT")
+
+    journal = Journal.open(folder / "engine.db")
+
+    def engine_append(version: int) -> None:
+        journal.append("default", version - 1, [event])
+
+    timings: dict[str, list[float]] = {"raw": [], "engine": []}
+    # Interleave the two so disk hiccups hit both alike.
+    for version in range(1, n + 1):
+        for name, fn in (("raw", raw_append), ("engine", engine_append)):
+            t = time.perf_counter()
+            fn(version)
+            timings[name].append(time.perf_counter() - t)
+    journal.close()
+    raw.close()
+    raw_med, eng_med = statistics.median(timings["raw"]), statistics.median(timings["engine"])
+    _row(
+        "append, raw sqlite3 (median / p99)",
+        f"{raw_med * 1e6:.0f} / {_pct(timings['raw'], 0.99) * 1e6:.0f} µs",
+    )
+    _row(
+        "append, journal (median / p99)",
+        f"{eng_med * 1e6:.0f} / {_pct(timings['engine'], 0.99) * 1e6:.0f} µs",
+    )
+    _row("append ratio journal/raw (median)", f"{eng_med / raw_med:.2f}x", "target <= 1.25")
+
+
+CYCLE: list[Callable[[float], ev.BaseEvent]] = [
+    lambda at: ev.LoadRequested(at=at, load_id="l", spec=ev.LoadSpec(model="/m/a.gguf")),
+    lambda at: ev.ModelResolved(
+        at=at,
+        load_id="l",
+        model=ev.ResolvedModel(source="file:/m/a.gguf", model_file="/m/a.gguf", native_ctx=2048),
+    ),
+    lambda at: ev.SettleStarted(at=at, load_id="l"),
+    lambda at: ev.Settled(at=at, load_id="l", outcome="cold"),
+    lambda at: ev.SpawnStarted(
+        at=at,
+        load_id="l",
+        argv=("llama-server", "-m", "/m/a.gguf"),
+        port=8080,
+        marker="j/default/l",
+        log_path="/l.log",
+        extra_args=("--top-k", "20"),
+        extra_args_source="file:/m/a.gguf",
+    ),
+    lambda at: ev.Spawned(at=at, load_id="l", pid=42, create_time=1.0),
+    lambda at: ev.HealthPassed(at=at, load_id="l", waited_s=0.02),
+    lambda at: ev.LoadSucceeded(at=at, load_id="l"),
+    lambda at: ev.LoadShortCircuited(at=at, load_id="m", spec=ev.LoadSpec(model="/m/a.gguf")),
+    lambda at: ev.UnloadRequested(at=at),
+    lambda at: ev.KillStarted(at=at, pid=42, create_time=1.0, reason="unload"),
+    lambda at: ev.ProcessExited(at=at, pid=42, returncode=0),
+    lambda at: ev.Unloaded(at=at),
+]
+
+
+def write_journal(path: Path, n: int) -> None:
+    journal = Journal.open(path, synchronous="OFF")
+    batch: list[ev.BaseEvent] = []
+    version = 0
+    for i in range(n):
+        batch.append(CYCLE[i % len(CYCLE)](1.8e9 + i))
+        if len(batch) == 5000:
+            journal.append("default", version, batch)
+            version += len(batch)
+            batch = []
+    journal.append("default", version, batch)
+    journal.close()
+
+
+def bench_replay(folder: Path, n: int) -> None:
+    path = folder / "replay.db"
+    write_journal(path, n)
+    journal = Journal.open(path)
+    runs = []
+    for _ in range(3):
+        t = time.perf_counter()
+        state = replay_state(journal.read_rows("default"))
+        runs.append(time.perf_counter() - t)
+        assert state.version == n
+    t = time.perf_counter()
+    count = sum(1 for _ in journal.read_rows("default"))
+    read_only = time.perf_counter() - t
+    t = time.perf_counter()
+    for row in journal.read_rows("default"):
+        json.loads(row[4])
+    read_json = time.perf_counter() - t
+    journal.close()
+    best = min(runs)
+    _row(f"full replay of {n:,} events", f"{n / best:,.0f} events/s", "target >= 100,000")
+    _row("  for reference: SQLAlchemy read only", f"{count / read_only:,.0f} rows/s")
+    _row("  for reference: read + json.loads", f"{count / read_json:,.0f} rows/s")
+
+
+def bench_reload(folder: Path, rounds: int) -> None:
+    """load() to healthy, minus a bare Popen + /health loop of the same argv."""
+    model = write_tiny_model(folder / "tiny.gguf")
+    engine = Engine.open(folder / "reload.db", run_dir=folder / "run")
+    client = httpx.Client(trust_env=False, timeout=2.0)
+    env = {**os.environ, **engine._effects.processes._env}  # type: ignore[attr-defined]
+    engine_times, bare_times, short_circuit = [], [], []
+    try:
+        for i in range(rounds):
+            request = LoadRequest(model_path=str(model), max_seq_length=512 + (i % 2) * 256)
+            t = time.perf_counter()
+            result = engine.load(request)
+            engine_times.append(time.perf_counter() - t)
+            assert result.status == "loaded", result
+            for _ in range(20):
+                t = time.perf_counter()
+                assert engine.load(request).status == "already_loaded"
+                short_circuit.append(time.perf_counter() - t)
+            argv = list(engine.state.serving.argv)  # type: ignore[union-attr]
+            engine.unload()
+            port = engine._effects.free_port()
+            argv[argv.index("--port") + 1] = str(port)
+            t = time.perf_counter()
+            bare = subprocess.Popen(
+                argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            while True:
+                try:
+                    if client.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.001)
+            bare_times.append(time.perf_counter() - t)
+            bare.terminate()
+            bare.wait()
+    finally:
+        client.close()
+        engine.close()
+    eng_med, bare_med = statistics.median(engine_times), statistics.median(bare_times)
+    _row("load() to healthy, tiny model (median)", f"{eng_med * 1000:.1f} ms")
+    _row("bare Popen + /health poll, same argv", f"{bare_med * 1000:.1f} ms")
+    _row(
+        "reload overhead (difference of medians)",
+        f"{(eng_med - bare_med) * 1000:.1f} ms",
+        "target <= 30 ms",
+    )
+    _row(
+        "short-circuit load() (median / p99)",
+        f"{statistics.median(short_circuit) * 1000:.3f} / "
+        f"{_pct(short_circuit, 0.99) * 1000:.3f} ms",
+        "target <= 1 / 5 ms",
+    )
+
+
+def bench_settle() -> None:
+    from engine.gpu import wait_for_settle
+
+    calls = 0
+
+    def probe() -> list[tuple[int, int]]:
+        nonlocal calls
+        calls += 1
+        return []
+
+    t = time.perf_counter()
+    cold = wait_for_settle(probe, 0.0)
+    cold_s = time.perf_counter() - t
+    cold_calls = calls
+    t = time.perf_counter()
+    stale = wait_for_settle(probe, time.monotonic() - 60)
+    stale_s = time.perf_counter() - t
+    _row("settle, cold start", f"{cold.kind}, {cold_calls} probes, {cold_s * 1e6:.1f} µs")
+    _row(
+        "settle, kill older than 15 s",
+        f"{stale.kind}, {calls - cold_calls} probes, {stale_s * 1e6:.1f} µs",
+    )
+    before = calls
+    t = time.perf_counter()
+    cpu = wait_for_settle(probe, time.monotonic())
+    _row(
+        "settle, CPU-only host (recent kill)",
+        f"{cpu.kind}, {calls - before} probe, {(time.perf_counter() - t) * 1e6:.0f} µs",
+    )
+
+
+def main() -> int:
+    quick = "--quick" in sys.argv
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        folder = Path(tmp)
+        print("studio-engine benchmarks (this machine, one run; figures side by side)\n")
+        bench_append(folder, 200 if quick else 1000)
+        bench_replay(folder, 10_000 if quick else 100_000)
+        bench_reload(folder, 3 if quick else 10)
+        bench_settle()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
