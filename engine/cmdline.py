@@ -26,7 +26,6 @@ def build_argv(
     port: int,
     threads: int | None = None,
     template_file: str | None = None,
-    gpu_offload: bool = False,
 ) -> tuple[str, ...]:
     argv = [
         binary,
@@ -42,8 +41,6 @@ def build_argv(
         "1",
         "--no-context-shift",
     ]
-    if gpu_offload:
-        argv += ["--fit", "on"]
     if threads:
         argv += ["--threads", str(threads)]
     argv.append("--jinja")

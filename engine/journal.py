@@ -7,6 +7,7 @@ newest Alembic revision; a journal written by a newer engine is refused.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -303,8 +304,6 @@ def decode_row(seq: int, type_: str, payload: str) -> Event:
 
 
 def _schema_version_of(payload: str) -> int | None:
-    import json
-
     try:
         value = json.loads(payload).get("schema_version")
     except (ValueError, AttributeError):

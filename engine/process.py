@@ -24,7 +24,7 @@ from engine.state import ServerProcess
 MARKER_ENV = "STUDIO_ENGINE_MARKER"
 TAIL_LINES = 50
 _POLL_S = 0.02
-_CREATE_TIME_SLACK = 0.01  # psutil rounds create_time differently across calls on some kernels
+CREATE_TIME_SLACK = 0.01  # psutil rounds create_time differently across calls on some kernels
 
 
 def make_marker(journal_id: str, slot: str, load_id: str) -> str:
@@ -33,7 +33,7 @@ def make_marker(journal_id: str, slot: str, load_id: str) -> str:
 
 def same_identity(proc: psutil.Process, create_time: float) -> bool:
     try:
-        return abs(proc.create_time() - create_time) <= _CREATE_TIME_SLACK
+        return abs(proc.create_time() - create_time) <= CREATE_TIME_SLACK
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
 

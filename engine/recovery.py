@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 from engine import events as ev
 from engine.effects import Cancelled, CancelToken
 from engine.health import await_health
+from engine.process import CREATE_TIME_SLACK
 from engine.state import ServerProcess
 
 if TYPE_CHECKING:
     from engine.orchestrator import Engine
 
 READY_HEALTH_TIMEOUT_S = 10.0
-_IDENTITY_SLACK = 0.01
 
 
 def recover(engine: Engine) -> None:
@@ -42,7 +42,7 @@ def recover(engine: Engine) -> None:
             same_pid = (
                 process.pid
                 and pid == process.pid
-                and (abs(create_time - process.create_time) <= _IDENTITY_SLACK)
+                and (abs(create_time - process.create_time) <= CREATE_TIME_SLACK)
             )
             if same_pid or (not process.pid and marker == process.marker):
                 ours = (pid, create_time, marker)

@@ -64,16 +64,8 @@ def replay_state(
 
 def replay(url: str | os.PathLike[str], slot: str = "default", until: Until = None) -> SlotState:
     """The slot state after the journal at `url` (or after sequence number / time `until`)."""
-    journal = Journal.open(url)
+    journal = Journal.open(url, create=False)
     try:
         return replay_state(journal.read_rows(slot, **bounds(until)))
-    finally:
-        journal.close()
-
-
-def timeline(url: str | os.PathLike[str], slot: str = "default", until: Until = None) -> list[Step]:
-    journal = Journal.open(url)
-    try:
-        return list(replay_steps(journal.read_rows(slot, **bounds(until))))
     finally:
         journal.close()

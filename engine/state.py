@@ -60,7 +60,3 @@ class SlotState:
     last_kill_at: float | None = None  # wall clock of the last confirmed kill (arms settle)
     last_error: str | None = None
     updated_at: float | None = None
-
-    @property
-    def busy(self) -> bool:
-        return self.pending is not None

@@ -11,6 +11,11 @@ def test_committed_diagrams_match_the_machine() -> None:
     assert (DIAGRAMS / MD_NAME).read_text() == markdown(text), "run `make diagrams`"
 
 
+def test_readme_embeds_the_current_diagram() -> None:
+    readme = (DIAGRAMS.parent / "README.md").read_text()
+    assert f"```mermaid\n{mermaid()}```" in readme, "README's diagram is stale"
+
+
 def test_every_state_appears_in_the_diagram() -> None:
     from engine.machine import STATES
 

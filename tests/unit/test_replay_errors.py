@@ -105,3 +105,12 @@ def test_cli_refuses_a_missing_journal(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["replay", str(missing)]) == 2
     assert f"no journal at {missing}" in capsys.readouterr().err
     assert not missing.exists()
+
+
+def test_replay_api_refuses_a_missing_journal(tmp_path: Path) -> None:
+    from engine.journal import JournalError
+
+    missing = tmp_path / "nope.db"
+    with pytest.raises(JournalError, match="no journal at"):
+        replay(missing)
+    assert not missing.exists()
