@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from engine.binary import ServerBinaryError
+from engine.events import Event, is_slot_stream
 from engine.journal import Journal, JournalError
 from engine.replay import Step, Until, bounds, replay_steps
+from engine.snapshot import SnapshotError
+from engine.snapshot import decode as decode_snapshot
 from engine.timeline import clock, delta, key_fields
 
 
@@ -32,7 +35,7 @@ def _steps(journal_path: str, slot: str, until: Until) -> list[Step]:
     journal = Journal.open(journal_path, create=False)
     try:
         if slot not in journal.streams():
-            known = ", ".join(journal.streams()) or "none"
+            known = ", ".join(s for s in journal.streams() if is_slot_stream(s)) or "none"
             raise JournalError(f"journal has no slot {slot!r} (slots: {known})")
         return list(replay_steps(journal.read_rows(slot, **bounds(until))))
     finally:
@@ -97,21 +100,95 @@ def cmd_diagram(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Replay every slot and check the contract's invariants; 1 on a violation."""
+    from engine.postmortem import analyse
+
     journal = Journal.open(args.journal, create=False)
+    problems: list[str] = []
     try:
-        streams = journal.streams()
+        streams = [s for s in journal.streams() if is_slot_stream(s)]  # not @hub-probes
         for stream in streams:
-            count = 0
-            state = None
-            for step in replay_steps(journal.read_rows(stream)):
-                count += 1
-                state = step.state
+            snapshots = {version: text for version, _, _, text in journal.snapshots(stream)}
+            report = analyse(_checked_records(journal, stream, snapshots, problems), stream)
+            for version in snapshots:  # snapshots of versions the journal does not have
+                problems.append(f"slot {stream!r}: snapshot at version {version} has no event")
+            problems += [
+                f"slot {stream!r}: event #{a.seq}: {a.kind}: {a.message}" for a in report.violations
+            ]
             print(
-                f"slot {stream!r}: {count} events, final state {state.state if state else 'idle'!r}"
+                f"slot {stream!r}: {report.events} events, final state {report.final_state!r}, "
+                f"{len(report.anomalies)} anomalies, {len(report.violations)} violations"
             )
     finally:
         journal.close()
-    print(f"ok: {len(streams)} slot(s) replay cleanly")
+    if problems:
+        for problem in problems:
+            print(f"VIOLATION {problem}")
+        print(f"FAILED: {len(problems)} violation(s)")
+        return 1
+    print(f"ok: {len(streams)} slot(s) replay cleanly and keep every invariant")
+    return 0
+
+
+def _checked_records(
+    journal: Journal, stream: str, snapshots: dict[int, str], problems: list[str]
+) -> Iterator[tuple[int, Event]]:
+    """The stream's (seq, event); each snapshot met on the way is compared with the replay
+    (and removed from `snapshots`)."""
+    for step in replay_steps(journal.read_rows(stream)):
+        text = snapshots.pop(step.state.version, None)
+        if text is not None:
+            _check_snapshot(stream, step, text, problems)
+        yield step.seq, step.event
+
+
+def _check_snapshot(stream: str, step: Step, text: str, problems: list[str]) -> None:
+    try:
+        stored = decode_snapshot(text)
+    except SnapshotError as exc:  # unreadable: the engine ignores it and replays (a warning only)
+        print(f"warning: slot {stream!r}: snapshot at version {step.state.version}: {exc}")
+        return
+    if stored != step.state:
+        problems.append(
+            f"slot {stream!r}: snapshot at version {step.state.version} differs from replay"
+        )
+
+
+def _window(text: str | None) -> int | float | None:
+    """A --since/--until bound: a sequence number, or an ISO time (UTC unless it says)."""
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--since/--until take a sequence number or an ISO time, not {text!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)  # the timelines print UTC
+    return moment.timestamp()
+
+
+def cmd_postmortem(args: argparse.Namespace) -> int:
+    from engine.postmortem import analyse, render
+
+    if args.health_wait <= 0:
+        raise argparse.ArgumentTypeError(f"--health-wait must be positive, not {args.health_wait}")
+    since, until = _window(args.since), _window(args.until)
+    steps = _steps(args.journal, args.slot, None)
+    report = analyse(
+        ((step.seq, step.event) for step in steps),
+        args.slot,
+        health_wait_s=args.health_wait,
+        since=since,
+        until=until,
+    )
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(render(report, args.journal), end="")
     return 0
 
 
@@ -151,9 +228,27 @@ def build_parser() -> argparse.ArgumentParser:
     diagram.add_argument("--stdout", action="store_true", help="print instead of writing files")
     diagram.set_defaults(func=cmd_diagram)
 
-    verify = sub.add_parser("verify", help="replay every slot and check the journal")
+    verify = sub.add_parser(
+        "verify", help="replay every slot, check the invariants; exit 1 on a violation"
+    )
     verify.add_argument("journal")
     verify.set_defaults(func=cmd_verify)
+
+    postmortem = sub.add_parser(
+        "postmortem", help="phases, failures, recoveries and anomalies of a slot's history"
+    )
+    postmortem.add_argument("journal", help="journal file path or SQLAlchemy URL")
+    postmortem.add_argument("--slot", default="default")
+    postmortem.add_argument("--since", help="from this sequence number or ISO time (UTC)")
+    postmortem.add_argument("--until", help="up to this sequence number or ISO time (UTC)")
+    postmortem.add_argument(
+        "--health-wait",
+        type=float,
+        default=60.0,
+        help="flag health waits longer than this many seconds (default: 60)",
+    )
+    postmortem.add_argument("--json", action="store_true", help="one JSON document for tools")
+    postmortem.set_defaults(func=cmd_postmortem)
 
     demo = sub.add_parser("demo", help="walk a real session against a real llama-server")
     demo.add_argument("--dir", default="var/demo", help="where the journal, model and logs go")

@@ -78,6 +78,11 @@ class Resolve:
 
 
 @dataclass(frozen=True, slots=True)
+class Admit:
+    """Estimate the load's memory need against what the host has; refuse what cannot fit."""
+
+
+@dataclass(frozen=True, slots=True)
 class Kill:
     reason: ev.KillReason
 
@@ -104,7 +109,7 @@ class Emit:
     events: tuple[ev.Event, ...]
 
 
-Step = Resolve | Kill | Settle | Spawn | AwaitHealth | Emit
+Step = Resolve | Admit | Kill | Settle | Spawn | AwaitHealth | Emit
 
 
 def next_step(state: SlotState, at: float) -> Step | None:
@@ -114,6 +119,10 @@ def next_step(state: SlotState, at: float) -> Step | None:
             assert pending is not None
             if pending.model is None:
                 return Resolve()
+            if pending.admission is None:
+                return Admit()
+            if pending.admission == "refused":
+                return abort_step(state, "refused", pending.error or "refused", at)
             return Kill("replace") if state.process is not None else Settle()
         case "killing":
             return Kill("replace") if state.process is not None else Settle()
@@ -132,7 +141,7 @@ def next_step(state: SlotState, at: float) -> Step | None:
 
 
 def abort_step(
-    state: SlotState, outcome: Literal["cancelled", "failed"], error: str, at: float
+    state: SlotState, outcome: Literal["cancelled", "failed", "refused"], error: str, at: float
 ) -> Step:
     """Unwind a load: kill what it started, then journal how it ended.
 
@@ -149,4 +158,5 @@ def abort_step(
         return Emit((ev.LoadAbandoned(at=at, load_id=load_id, outcome=outcome, error=error),))
     if outcome == "cancelled":
         return Emit((ev.LoadCancelled(at=at, load_id=load_id, reason=error),))
+    # A refused load with no server to keep serving ends failed, like any failed load.
     return Emit((ev.LoadFailed(at=at, load_id=load_id, error=error),))

@@ -11,6 +11,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from pydantic import SecretStr
+
+from engine.admission import MemoryBudget
 from engine.events import LoadSpec, ResolvedModel
 from engine.state import ServerProcess
 
@@ -66,6 +69,41 @@ Health = Literal["ok", "loading", "down"]
 VramProbe = Callable[[], list[tuple[int, int]]]
 
 
+@dataclass(frozen=True, slots=True)
+class FileProgress:
+    path: str
+    done: int  # bytes
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadProgress:
+    """What `Engine.progress()` returns while a load downloads its model."""
+
+    load_id: str
+    repo_id: str
+    files: tuple[FileProgress, ...]
+
+    @property
+    def done(self) -> int:
+        return sum(f.done for f in self.files)
+
+    @property
+    def total(self) -> int:
+        return sum(f.total for f in self.files)
+
+
+class DownloadListener(Protocol):
+    """Told about a download as it goes. `started` and `finished` are journaled (coarse grain);
+    `advanced` is called per chunk and must stay cheap (memory only)."""
+
+    def started(self, repo_id: str, revision: str, files: Sequence[tuple[str, int]]) -> None: ...
+
+    def advanced(self, path: str, done: int, total: int) -> None: ...
+
+    def finished(self, path: str, size: int, seconds: float) -> None: ...
+
+
 class Effects(Protocol):
     binary: str
 
@@ -73,7 +111,20 @@ class Effects(Protocol):
 
     def monotonic(self) -> float: ...
 
-    def resolve(self, spec: LoadSpec, cancel: CancelToken) -> ResolvedModel: ...
+    def resolve(
+        self,
+        spec: LoadSpec,
+        cancel: CancelToken,
+        *,
+        hf_token: SecretStr | None = None,
+        listener: DownloadListener | None = None,
+    ) -> ResolvedModel:
+        """Find the model (local file or hub repo; downloads are reported to `listener`).
+
+        `hf_token` is the request's own token: it lives in memory for the load and is never
+        journaled (the spec carries its fingerprint only).
+        """
+        ...
 
     def free_port(self) -> int: ...
 
@@ -96,6 +147,14 @@ class Effects(Protocol):
     def log_tail(self, log_path: str) -> str: ...
 
     def probe_vram(self) -> list[tuple[int, int]]: ...
+
+    def has_gpu(self) -> bool:
+        """False on a CPU-only host (no driver, no visible GPU): settling needs no probe."""
+        ...
+
+    def memory_budget(self, releasing: ServerProcess | None) -> MemoryBudget:
+        """Free VRAM + available RAM now, plus what killing `releasing` gives back."""
+        ...
 
     def marked_processes(self, journal_id: str) -> list[tuple[int, float, str]]:
         """(pid, create_time, marker) of live processes carrying this journal's marker."""

@@ -10,7 +10,7 @@ journal additionally refuses any payload that looks like a Hugging Face token.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -51,6 +51,12 @@ class ResolvedModel(_Record):
     native_ctx: int | None = None
     architecture: str | None = None
     size_bytes: int = 0
+    mmproj_size_bytes: int = 0
+    # KV cache geometry from the GGUF header, for the admission estimate (None = unknown).
+    block_count: int | None = None
+    head_count_kv: int | None = None
+    key_length: int | None = None
+    value_length: int | None = None
 
 
 class BaseEvent(_Record):
@@ -105,6 +111,50 @@ class LoadSucceeded(BaseEvent):
     """The new server is healthy: its settings and extra args are now the committed ones."""
 
     type: Literal["load_succeeded"] = "load_succeeded"
+
+
+# --- admission ----------------------------------------------------------------------------
+
+
+class AdmissionChecked(BaseEvent):
+    """The memory estimate for a resolved load and the verdict, before anything is killed."""
+
+    type: Literal["admission_checked"] = "admission_checked"
+    context: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    overhead_bytes: int
+    need_bytes: int
+    free_vram_bytes: int
+    available_ram_bytes: int
+    releasable_bytes: int
+    verdict: Literal["fits", "refused", "forced"]
+    error: str | None = None  # the refusal message, when refused
+
+
+# --- hub download (coarse grain: never one event per chunk) -------------------------------
+
+
+class DownloadFile(_Record):
+    path: str  # path inside the repo
+    size_bytes: int
+
+
+class DownloadStarted(BaseEvent):
+    """A hub model needs files the local hub cache does not have yet."""
+
+    type: Literal["download_started"] = "download_started"
+    repo_id: str
+    revision: str  # the commit the files are pinned to
+    files: tuple[DownloadFile, ...]
+    total_bytes: int
+
+
+class FileDownloaded(BaseEvent):
+    type: Literal["file_downloaded"] = "file_downloaded"
+    path: str
+    size_bytes: int
+    seconds: float
 
 
 # --- kill ---------------------------------------------------------------------------------
@@ -227,10 +277,13 @@ Event = Annotated[
     | LoadShortCircuited
     | LoadJoined
     | ModelResolved
+    | AdmissionChecked
     | LoadCancelled
     | LoadFailed
     | LoadAbandoned
     | LoadSucceeded
+    | DownloadStarted
+    | FileDownloaded
     | KillStarted
     | KillEscalated
     | ProcessExited
@@ -252,8 +305,10 @@ Event = Annotated[
 ]
 
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+# The slot events only: records of other streams (HubProbed) are BaseEvents too, but never
+# machine triggers.
 EVENT_TYPES: dict[str, type[BaseEvent]] = {
-    cls.model_fields["type"].default: cls for cls in BaseEvent.__subclasses__()
+    cls.model_fields["type"].default: cls for cls in get_args(get_args(Event)[0])
 }
 
 
@@ -264,3 +319,33 @@ def parse_event(payload: str | bytes) -> Event:
 
 def dump_event(event: BaseEvent) -> str:
     return event.model_dump_json()
+
+
+# --- the hub probe cache: its own stream, never a slot's --------------------------------------
+
+# Streams whose name starts with "@" belong to the engine, not to a slot: replay skips them.
+HUB_PROBE_STREAM = "@hub-probes"
+
+
+def is_slot_stream(stream: str) -> bool:
+    return not stream.startswith("@")
+
+
+class HubProbed(BaseEvent):
+    """A definitive answer about a hub repo (the latest one per key wins on reload).
+
+    Keyed by the requested repo id casefolded (the hub matches ids case-insensitively) and the
+    fingerprint of the token used; the token itself is never stored.
+    """
+
+    type: Literal["hub_probed"] = "hub_probed"
+    key: str
+    token_fingerprint: Fingerprint | None = None
+    repo_id: str | None = None  # canonical casing
+    commit: str | None = None
+    files: tuple[DownloadFile, ...] = ()
+    is_vision: bool = False
+    error: str | None = None  # definitive refusal: not found, gated, no GGUF in the repo
+
+
+HUB_PROBED_ADAPTER: TypeAdapter[HubProbed] = TypeAdapter(HubProbed)

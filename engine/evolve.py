@@ -56,6 +56,11 @@ def _model_resolved(state: SlotState, e: ev.ModelResolved) -> SlotState:
     return replace(state, pending=replace(_pending(state), model=e.model))
 
 
+@_on(ev.AdmissionChecked)
+def _admission_checked(state: SlotState, e: ev.AdmissionChecked) -> SlotState:
+    return replace(state, pending=replace(_pending(state), admission=e.verdict, error=e.error))
+
+
 @_on(ev.Settled)
 def _settled(state: SlotState, e: ev.Settled) -> SlotState:
     return replace(state, pending=replace(_pending(state), settled=True))
@@ -164,6 +169,13 @@ def _recovery_adopted(state: SlotState, e: ev.RecoveryAdopted) -> SlotState:
     )
 
 
+@_on(ev.RecoveryStarted)
+def _recovery_started(state: SlotState, e: ev.RecoveryStarted) -> SlotState:
+    # A recovery interrupted by another crash keeps the state the first one started from.
+    origin = state.recovering_from if state.state == "recovering" else state.state
+    return replace(state, recovering_from=origin)
+
+
 @_on(ev.RecoveryFinished)
 def _recovery_finished(state: SlotState, e: ev.RecoveryFinished) -> SlotState:
     return replace(state, pending=None) if state.state == "recovering" else state
@@ -176,6 +188,8 @@ def evolve(state: SlotState, event: ev.Event, seq: int | None = None) -> SlotSta
         raise IllegalTransition(state.state, event.type, seq)
     applier = _APPLIERS.get(event.type)
     after = applier(state, event) if applier is not None else state
+    if after.recovering_from is not None and dest != "recovering":
+        after = replace(after, recovering_from=None)  # the recovery is over
     return replace(after, state=dest, version=state.version + 1, updated_at=event.at)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,24 @@ def _scalar(reader: Any, key: str) -> Any:
 
 
 def read_header(path: str | Path) -> GgufHeader:
+    """The header facts of `path`, memoised per (file, size, mtime).
+
+    GGUFReader parses every tensor and token entry (tens of ms for a tiny model, far more for
+    a real vocabulary); a repeat load of an unchanged file must not pay that again.
+    """
+    try:
+        stat = Path(path).stat()
+    except OSError as exc:
+        raise NotAGguf(f"{path} is not a readable GGUF file: {exc}") from exc
+    return _read_header(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_header(path: str, size: int, mtime_ns: int) -> GgufHeader:
     from gguf import GGUFReader
 
     try:
-        reader = GGUFReader(str(path), "r")
+        reader = GGUFReader(path, "r")
     except Exception as exc:  # the gguf package raises ValueError/struct errors on bad files
         raise NotAGguf(f"{path} is not a readable GGUF file: {exc}") from exc
     arch = _scalar(reader, "general.architecture")

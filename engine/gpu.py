@@ -76,33 +76,40 @@ def wait_for_settle(
     max_wait: float = MAX_WAIT_S,
     interval: float = INTERVAL_S,
     settle_window: float = SETTLE_WINDOW_S,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] | None = None,
+    sleep: Callable[[float], None] | None = None,
     on_sample: Callable[[Sample], None] | None = None,
+    gpus_present: bool | None = None,
 ) -> SettleOutcome:
     """Wait until GPU free memory is stable after a kill at monotonic time `since_kill` (0 = never).
 
     Zero probes on a cold start or a kill older than `settle_window`. Returns at once when the
     first probe finds no GPU, when a probe raises, or when the set of GPUs changes. The whole
-    wait, probe time included, is bounded by `max_wait`.
+    wait, probe time included, is bounded by `max_wait`. `gpus_present=False` (the caller
+    already knows the host has none, e.g. `NvmlProbe.gpu_count()`) costs no probe either.
     """
     if not since_kill:
         return SettleOutcome("cold")
-    start = clock()
+    # Looked up per call (not bound as defaults) so a frozen clock in tests applies.
+    now: Callable[[], float] = clock or time.monotonic
+    pause: Callable[[float], None] = sleep or time.sleep
+    start = now()
     if start - since_kill > settle_window:
         return SettleOutcome("stale")
+    if gpus_present is False:
+        return SettleOutcome("cpu-only")
     deadline = start + max_wait
     samples: list[Sample] = []
 
     def take() -> Sample:
-        sample = _probe_within(probe, deadline - clock())
+        sample = _probe_within(probe, deadline - now())
         samples.append(sample)
         if on_sample is not None:
             on_sample(sample)
         return sample
 
     def done(kind: SettleKind) -> SettleOutcome:
-        return SettleOutcome(kind, clock() - start, samples)
+        return SettleOutcome(kind, now() - start, samples)
 
     try:
         previous = take()
@@ -113,10 +120,10 @@ def wait_for_settle(
     if not previous:
         return done("cpu-only")
     while True:
-        remaining = deadline - clock()
+        remaining = deadline - now()
         if remaining <= 0:
             return done("timeout")
-        sleep(min(interval, remaining))
+        pause(min(interval, remaining))
         try:
             current = take()
         except _ProbeTimeout:
@@ -185,6 +192,30 @@ class NvmlProbe:
             (index, int(pynvml.nvmlDeviceGetMemoryInfo(handle).free) // (1024 * 1024))
             for index, handle in handles
         ]
+
+    def gpu_count(self) -> int:
+        """GPUs visible to this process (0 on a CPU-only host); initialises NVML once."""
+        with self._lock:
+            if self._handles is None:
+                self._handles = self._init()
+            return len(self._handles)
+
+    def used_by(self, pid: int) -> int:
+        """Bytes of VRAM NVML attributes to `pid` on the visible GPUs (0 when unknown)."""
+        import pynvml
+
+        with self._lock:
+            if self._handles is None:
+                self._handles = self._init()
+            handles = self._handles
+        used = 0
+        for _, handle in handles:
+            try:
+                running = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            except pynvml.NVMLError:
+                continue
+            used += sum(p.usedGpuMemory or 0 for p in running if p.pid == pid)
+        return int(used)
 
     def close(self) -> None:
         import pynvml

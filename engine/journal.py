@@ -50,8 +50,24 @@ snapshots_table = sa.Table(
     sa.Column("state", sa.Text, nullable=False),
 )
 
+# One row per managed slot: which engine holds it (see engine.lease).
+leases_table = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("stream", sa.String(200), primary_key=True),
+    sa.Column("holder", sa.String(64), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("boot_id", sa.String(64), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("create_time", sa.Float(precision=53), nullable=False),
+    sa.Column("acquired_at", sa.Float(precision=53), nullable=False),
+    sa.Column("heartbeat_at", sa.Float(precision=53), nullable=False),
+    sa.Column("expires_at", sa.Float(precision=53), nullable=False),
+)
+
 # Alembic revisions this engine knows, oldest first; a unit test checks them against migrations/.
-KNOWN_REVISIONS: Final = ("0001",)
+KNOWN_REVISIONS: Final = ("0001", "0002")
+SNAPSHOTS_KEPT: Final = 2  # the newest is the one used; one more in case it is unreadable
 HEAD_REVISION: Final = KNOWN_REVISIONS[-1]
 
 
@@ -193,8 +209,18 @@ class Journal:
 
     # --- writing ------------------------------------------------------------------------
 
-    def append(self, stream: str, expected_version: int, events: Sequence[BaseEvent]) -> None:
-        """Append `events` after `expected_version` atomically, or raise ConcurrencyConflict."""
+    def append(
+        self,
+        stream: str,
+        expected_version: int,
+        events: Sequence[BaseEvent],
+        snapshot: tuple[int, float, str] | None = None,
+    ) -> None:
+        """Append `events` after `expected_version` atomically, or raise ConcurrencyConflict.
+
+        `snapshot` = (version, at, state text) is written in the same transaction, so a
+        snapshot never exists for events that did not commit.
+        """
         rows = []
         for offset, event in enumerate(events, start=1):
             payload = event.model_dump_json()
@@ -217,11 +243,53 @@ class Journal:
             try:
                 with conn.begin():
                     conn.execute(self._insert, rows)
+                    if snapshot is not None:
+                        self._write_snapshot(conn, stream, *snapshot)
             except IntegrityError as exc:
                 raise ConcurrencyConflict(
                     f"stream {stream!r} moved past version {expected_version} "
                     "(another writer appended first)"
                 ) from exc
+
+    def save_snapshot(self, stream: str, version: int, at: float, state: str) -> None:
+        """Store a snapshot on its own (after an open that replayed a long tail)."""
+        with self._write_lock:
+            conn = self._writer_connection()
+            with conn.begin():
+                self._write_snapshot(conn, stream, version, at, state)
+
+    def _write_snapshot(
+        self, conn: Connection, stream: str, version: int, at: float, state: str
+    ) -> None:
+        # Replace one at the same version (a rewrite after a format change), prune old ones.
+        conn.execute(
+            snapshots_table.delete().where(
+                snapshots_table.c.stream == stream, snapshots_table.c.version == version
+            )
+        )
+        conn.execute(
+            snapshots_table.insert(),
+            {
+                "stream": stream,
+                "version": version,
+                "schema_version": SCHEMA_VERSION,
+                "at": at,
+                "state": state,
+            },
+        )
+        oldest = conn.execute(
+            sa.text(
+                "SELECT version FROM snapshots WHERE stream = :stream "
+                "ORDER BY version DESC LIMIT 1 OFFSET :skip"
+            ),
+            {"stream": stream, "skip": SNAPSHOTS_KEPT - 1},
+        ).scalar()
+        if oldest is not None:
+            conn.execute(
+                snapshots_table.delete().where(
+                    snapshots_table.c.stream == stream, snapshots_table.c.version < oldest
+                )
+            )
 
     def _writer_connection(self) -> Connection:
         # One long-lived connection for appends: a pool checkout per append costs more than
@@ -273,6 +341,30 @@ class Journal:
                 events_table.c.stream == stream
             )
             return int(conn.execute(query).scalar() or 0)
+
+    def snapshots(self, stream: str) -> list[tuple[int, int, float, str]]:
+        """(version, schema_version, at, state text) of the stored snapshots, newest first."""
+        query = (
+            sa.select(
+                snapshots_table.c.version,
+                snapshots_table.c.schema_version,
+                snapshots_table.c.at,
+                snapshots_table.c.state,
+            )
+            .where(snapshots_table.c.stream == stream)
+            .order_by(snapshots_table.c.version.desc())
+        )
+        with self.engine.connect() as conn:
+            return [(int(v), int(s), float(a), str(t)) for v, s, a, t in conn.execute(query)]
+
+    def event_at(self, stream: str, version: int) -> float | None:
+        """The time of the event at `version` (None if there is none): checks a snapshot."""
+        query = sa.select(events_table.c.at).where(
+            events_table.c.stream == stream, events_table.c.version == version
+        )
+        with self.engine.connect() as conn:
+            value = conn.execute(query).scalar()
+        return None if value is None else float(value)
 
 
 def decode_row(seq: int, type_: str, payload: str) -> Event:

@@ -15,21 +15,41 @@ def find_mmproj(model_file: Path) -> Path | None:
     return found[0] if found else None
 
 
-def resolve_local(model_path: str) -> ResolvedModel:
-    path = Path(model_path)
-    if not path.is_file():
-        raise StepFailed(f"model file not found: {path}")
+def describe_model(
+    source: str,
+    model_file: Path,
+    *,
+    mmproj: Path | None = None,
+    variant: str | None = None,
+    size_bytes: int | None = None,
+) -> ResolvedModel:
+    """A ResolvedModel with the facts read from the GGUF header (local and hub models alike).
+
+    `size_bytes` overrides the file's size (split GGUFs: the sum of every shard).
+    """
     try:
-        header = read_header(path)
+        header = read_header(model_file)
     except NotAGguf as exc:
         raise StepFailed(str(exc)) from exc
-    mmproj = find_mmproj(path)
     return ResolvedModel(
-        source=f"file:{path}",
-        model_file=str(path),
+        source=source,
+        model_file=str(model_file),
+        variant=variant,
         is_vision=mmproj is not None,
         mmproj_file=str(mmproj) if mmproj else None,
         native_ctx=header.native_ctx,
         architecture=header.architecture,
-        size_bytes=path.stat().st_size,
+        size_bytes=size_bytes if size_bytes is not None else model_file.stat().st_size,
+        mmproj_size_bytes=mmproj.stat().st_size if mmproj else 0,
+        block_count=header.block_count,
+        head_count_kv=header.head_count_kv,
+        key_length=header.key_length,
+        value_length=header.value_length,
     )
+
+
+def resolve_local(model_path: str) -> ResolvedModel:
+    path = Path(model_path)
+    if not path.is_file():
+        raise StepFailed(f"model file not found: {path}")
+    return describe_model(f"file:{path}", path, mmproj=find_mmproj(path))

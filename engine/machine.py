@@ -40,7 +40,10 @@ TRANSITIONS: Final[tuple[tuple[str, tuple[str, ...], str], ...]] = (
     ("load_requested", STABLE, "resolving"),
     ("load_short_circuited", ("ready",), SAME),
     ("load_joined", (*STABLE, *IN_FLIGHT, "unloading"), SAME),
+    ("download_started", ("resolving",), SAME),
+    ("file_downloaded", ("resolving",), SAME),
     ("model_resolved", ("resolving",), SAME),
+    ("admission_checked", ("resolving",), SAME),
     ("load_abandoned", ("resolving",), "ready"),
     # The previous server is killed, and only then does GPU memory get to settle.
     ("kill_started", ("resolving", "warming"), "killing"),

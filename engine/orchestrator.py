@@ -14,16 +14,20 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import SecretStr
+
+from engine import admission
 from engine import events as ev
 from engine.binary import locate_server
 from engine.cmdline import build_argv
 from engine.decide import (
+    Admit,
     AwaitHealth,
     Emit,
     Kill,
@@ -37,15 +41,24 @@ from engine.decide import (
     decide,
     next_step,
 )
-from engine.effects import Cancelled, CancelToken, Effects, StepFailed
+from engine.effects import (
+    Cancelled,
+    CancelToken,
+    DownloadProgress,
+    Effects,
+    FileProgress,
+    StepFailed,
+)
 from engine.evolve import evolve
 from engine.gpu import wait_for_settle
 from engine.health import await_health
 from engine.journal import Journal
+from engine.lease import LEASE_TTL_S, Lease
 from engine.process import make_marker
-from engine.replay import replay_state
-from engine.request import LoadRequest, LoadResult, Status, to_spec
-from engine.rules import InvalidRequest, effective_extra_args
+from engine.replay import SNAPSHOT_EVERY, open_state
+from engine.request import LoadRequest, LoadResult, Status, hf_token_of, to_spec
+from engine.rules import InvalidRequest, effective_extra_args, same_target
+from engine.snapshot import encode as encode_snapshot
 from engine.state import SlotState
 
 log = logging.getLogger("studio-engine")
@@ -67,6 +80,7 @@ class _Flight:
     spec: ev.LoadSpec
     token: CancelToken = field(default_factory=CancelToken)
     result: Future[LoadResult] = field(default_factory=Future)
+    hf_token: SecretStr | None = None  # memory only, for this flight: the spec has its hash
 
 
 def _new_load_id() -> str:
@@ -98,7 +112,11 @@ class Engine:
         kill_grace: float = KILL_GRACE_S,
         settle_max_wait: float = 2.0,
         threads: int | None = None,
+        memory_limit: int | None = None,
+        snapshot_every: int = SNAPSHOT_EVERY,
     ) -> None:
+        if snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be >= 0 (0 = off), not {snapshot_every!r}")
         self.slot = slot
         self.journal = journal
         self.journal_id = journal_id(journal)
@@ -107,11 +125,15 @@ class Engine:
         self._kill_grace = kill_grace
         self._settle_max_wait = settle_max_wait
         self._threads = threads
-        self._state = replay_state(journal.read_rows(slot))
+        self._memory_limit = memory_limit  # bytes this slot may use at most (None = the host's)
+        self._snapshot_every = snapshot_every
+        self._lease: Lease | None = None  # set by open(): this engine's claim on the slot
+        self._state = open_state(journal, slot, snapshot_every)
         self._state_lock = threading.Lock()  # guards appends; held only for one journal write
         self._serial = threading.Lock()  # loads and unloads on this slot run one at a time
         self._flights: list[_Flight] = []
         self._observers: list[Callable[[ev.Event, SlotState], None]] = []
+        self._download: DownloadProgress | None = None  # per-chunk progress: memory only
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
 
@@ -128,26 +150,36 @@ class Engine:
         run_dir: str | os.PathLike[str] | None = None,
         monitor: bool = True,
         synchronous: str = "FULL",
+        lease_ttl: float = LEASE_TTL_S,
         **options: Any,
     ) -> Engine:
-        """Open the journal, replay the slot, reconcile with reality, start the crash monitor.
+        """Open the journal, lease the slot, replay it, reconcile with reality, start the
+        crash monitor.
 
-        A missing or broken llama-server is an error here, not at the first load.
+        A missing or broken llama-server is an error here, not at the first load; so is a slot
+        another live engine manages (`engine.lease.SlotBusy`).
         """
         binary = locate_server(llama_server) if effects is None else None
         journal = Journal.open(journal_url, synchronous=synchronous)
+        lease: Lease | None = None
         try:
+            lease = Lease.acquire(journal, slot, lease_ttl)
             if effects is None:
                 from engine.runtime import RealEffects
 
                 assert binary is not None
                 directory = Path(run_dir) if run_dir is not None else default_run_dir(journal)
-                effects = RealEffects(binary, directory)
+                effects = RealEffects(binary, directory, journal)
             engine = cls(journal, effects, slot=slot, **options)
+            engine._lease = lease
             engine._recover()
         except BaseException:
+            if lease is not None:
+                lease.release()
             journal.close()
             raise
+        assert lease is not None
+        lease.start()
         if monitor:
             engine._start_monitor()
         return engine
@@ -162,10 +194,18 @@ class Engine:
                 self.unload()
             else:
                 self.cancel()
+            state = self._state
+            if self._snapshot_every and state.version and not (self._lease and self._lease.lost):
+                # The next open (the common restart) then replays nothing at all.
+                self.journal.save_snapshot(
+                    self.slot, state.version, state.updated_at or 0.0, encode_snapshot(state)
+                )
         finally:
             close = getattr(self._effects, "close", None)
             if close is not None:
                 close()
+            if self._lease is not None:
+                self._lease.release()
             self.journal.close()
 
     def __enter__(self) -> Engine:
@@ -184,7 +224,16 @@ class Engine:
             for event in events:
                 after = evolve(after, event)  # an illegal event never reaches the journal
                 states.append(after)
-            self.journal.append(self.slot, before.version, events)
+            if self._lease is not None and self._lease.lost:
+                raise EngineError(
+                    f"slot {self.slot!r} was taken over by another engine; this one stopped"
+                )
+            snapshot = None
+            every = self._snapshot_every
+            if every and after.version // every != before.version // every:
+                # Same transaction as the events: costs one encode per `every` events.
+                snapshot = (after.version, after.updated_at or 0.0, encode_snapshot(after))
+            self.journal.append(self.slot, before.version, events, snapshot)
             self._state = after
         for event, state in zip(events, states, strict=True):
             for observer in self._observers:
@@ -200,6 +249,13 @@ class Engine:
         return self._state
 
     # --- public API --------------------------------------------------------------------------
+
+    def progress(self) -> DownloadProgress | None:
+        """Bytes done / total per file of the download in flight, None when none is."""
+        download, pending = self._download, self._state.pending
+        if download is None or pending is None or pending.load_id != download.load_id:
+            return None
+        return download
 
     def status(self) -> Status:
         state = self._state  # one immutable snapshot: never waits for a load in progress
@@ -229,6 +285,7 @@ class Engine:
             extra_args=state.extra_args,
             extra_args_source=state.extra_args_source,
             loading=state.pending.load_id if state.pending else None,
+            queued_loads=len(self._flights),
             last_error=state.last_error,
             journal_version=state.version,
         )
@@ -244,8 +301,9 @@ class Engine:
             )
             if joined is None:
                 for earlier in self._flights:
-                    earlier.token.cancel("superseded by a newer load")
-                flight = _Flight(_new_load_id(), spec)
+                    if not same_target(earlier.spec, spec):  # an equivalent one is kept:
+                        earlier.token.cancel("superseded by a newer load")  # we short-circuit
+                flight = _Flight(_new_load_id(), spec, hf_token=hf_token_of(request))
                 self._flights.append(flight)
         if joined is not None:
             return self._join(joined)
@@ -313,6 +371,9 @@ class Engine:
         except Exception as exc:  # never leave a half-started server behind
             log.exception("load %s failed unexpectedly", flight.load_id)
             return self._abort(flight.load_id, "failed", f"{type(exc).__name__}: {exc}")
+        process = self._state.process
+        if process is None or process.load_id != flight.load_id:  # ended by the core: refused
+            return self._result(flight.load_id, "failed", error=self._state.last_error)
         return self._result(flight.load_id, "loaded")
 
     def _abort(
@@ -370,6 +431,8 @@ class Engine:
         match step:
             case Resolve():
                 self._resolve(token)
+            case Admit():
+                self._admit()
             case Kill(reason=reason):
                 self._kill(reason)
             case Settle():
@@ -384,8 +447,46 @@ class Engine:
     def _resolve(self, token: CancelToken) -> None:
         pending = self._state.pending
         assert pending is not None
-        model = self._effects.resolve(pending.spec, token)
+        with self._state_lock:
+            flight = next((f for f in self._flights if f.load_id == pending.load_id), None)
+        model = self._effects.resolve(
+            pending.spec,
+            token,
+            hf_token=flight.hf_token if flight else None,
+            listener=_DownloadRecorder(self, pending.load_id),
+        )
         self._emit(ev.ModelResolved(at=self._effects.now(), load_id=pending.load_id, model=model))
+
+    def _admit(self) -> None:
+        state = self._state
+        pending = state.pending
+        assert pending is not None and pending.model is not None
+        extra_args = effective_extra_args(
+            pending.spec, pending.model.source, state.extra_args, state.extra_args_source
+        )
+        need = admission.estimate(pending.model, pending.spec, extra_args)
+        budget = self._effects.memory_budget(state.process)
+        if self._memory_limit is not None:  # an operator's cap on what this slot may use
+            budget = admission.MemoryBudget(
+                free_vram_bytes=0, available_ram_bytes=min(budget.total, self._memory_limit)
+            )
+        verdict = admission.verdict(need.need, budget, pending.spec.force)
+        self._emit(
+            ev.AdmissionChecked(
+                at=self._effects.now(),
+                load_id=pending.load_id,
+                context=need.context,
+                weights_bytes=need.weights_bytes,
+                kv_cache_bytes=need.kv_cache_bytes,
+                overhead_bytes=need.overhead_bytes,
+                need_bytes=need.need,
+                free_vram_bytes=budget.free_vram_bytes,
+                available_ram_bytes=budget.available_ram_bytes,
+                releasable_bytes=budget.releasable_bytes,
+                verdict=verdict,
+                error=admission.refusal_message(need.need, budget) if verdict != "fits" else None,
+            )
+        )
 
     def _kill(self, reason: ev.KillReason) -> None:
         process = self._state.process
@@ -434,6 +535,7 @@ class Engine:
             clock=monotonic,
             sleep=token.sleep,
             on_sample=sampled,
+            gpus_present=self._effects.has_gpu() if kill_age is not None else None,
         )
         self._emit(
             ev.Settled(
@@ -584,6 +686,54 @@ class Engine:
 
         with self._serial:
             recover(self)
+
+
+class _DownloadRecorder:
+    """A load's DownloadListener: journals the start and each finished file (never a chunk),
+    and keeps per-chunk byte counts in memory for `Engine.progress()`."""
+
+    def __init__(self, engine: Engine, load_id: str) -> None:
+        self._engine, self._load_id = engine, load_id
+
+    def started(self, repo_id: str, revision: str, files: Sequence[tuple[str, int]]) -> None:
+        engine = self._engine
+        engine._download = DownloadProgress(
+            self._load_id, repo_id, tuple(FileProgress(p, 0, size) for p, size in files)
+        )
+        engine._emit(
+            ev.DownloadStarted(
+                at=engine._effects.now(),
+                load_id=self._load_id,
+                repo_id=repo_id,
+                revision=revision,
+                files=tuple(ev.DownloadFile(path=p, size_bytes=size) for p, size in files),
+                total_bytes=sum(size for _, size in files),
+            )
+        )
+
+    def advanced(self, path: str, done: int, total: int) -> None:
+        download = self._engine._download
+        if download is None or download.load_id != self._load_id:
+            return
+        files = tuple(
+            FileProgress(path, done, total or f.total) if f.path == path else f
+            for f in download.files
+        )
+        # One reference swap: readers on other threads see the old or the new snapshot.
+        self._engine._download = replace(download, files=files)
+
+    def finished(self, path: str, size: int, seconds: float) -> None:
+        self.advanced(path, size, size)
+        engine = self._engine
+        engine._emit(
+            ev.FileDownloaded(
+                at=engine._effects.now(),
+                load_id=self._load_id,
+                path=path,
+                size_bytes=size,
+                seconds=round(seconds, 6),
+            )
+        )
 
 
 def server_error(log_tail: str) -> str | None:

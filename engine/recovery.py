@@ -24,17 +24,34 @@ if TYPE_CHECKING:
 READY_HEALTH_TIMEOUT_S = 10.0
 
 
+def _owned_by_slot(marker: str, journal_id: str, slot: str) -> bool:
+    # Exact match on "journal/slot/": slot "a" must not claim the servers of slot "a/b".
+    owner, _, load_id = marker.rpartition("/")
+    return owner == f"{journal_id}/{slot}" and bool(load_id)
+
+
 def recover(engine: Engine) -> None:
     state = engine.state
     fx = engine._effects
     now = fx.now
-    prefix = f"{engine.journal_id}/{engine.slot}/"
-    marked = [m for m in fx.marked_processes(engine.journal_id) if m[2].startswith(prefix)]
+    marked = [
+        m
+        for m in fx.marked_processes(engine.journal_id)
+        if _owned_by_slot(m[2], engine.journal_id, engine.slot)
+    ]
     process = state.process
     if state.state in ("idle", "failed", "crashed") and process is None and not marked:
         return  # nothing to reconcile
 
+    # A recovery that was itself interrupted resumes from the state the first one found.
+    origin = (state.recovering_from or "idle") if state.state == "recovering" else state.state
     engine._emit(ev.RecoveryStarted(at=now(), previous_state=state.state))
+    pending = state.pending
+    dropped = (
+        f"; load {pending.load_id} interrupted by backend crash (in {origin}) dropped"
+        if pending is not None and origin in ("resolving", "killing")
+        else ""
+    )
 
     ours = None
     if process is not None:
@@ -46,10 +63,12 @@ def recover(engine: Engine) -> None:
             )
             if same_pid or (not process.pid and marker == process.marker):
                 ours = (pid, create_time, marker)
+    # Orphans first: at no instant may two of our servers run for this slot.
     for pid, create_time, marker in marked:
         if (pid, create_time, marker) != ours:
             _kill_untracked(engine, pid, create_time, marker)
 
+    unhealthy = False
     if process is not None and ours is None and process.pid:
         engine._emit(ev.ProcessExited(at=now(), pid=process.pid))  # gone while we were down
     if process is not None and ours is not None:
@@ -57,33 +76,38 @@ def recover(engine: Engine) -> None:
         live = ServerProcess(
             pid, create_time, process.port, process.load_id, marker, process.log_path
         )
-        timeout = READY_HEALTH_TIMEOUT_S if state.state == "ready" else engine._health_timeout
-        adoptable = state.state in ("resolving", "spawning", "warming", "ready")
+        timeout = READY_HEALTH_TIMEOUT_S if origin == "ready" else engine._health_timeout
+        adoptable = origin in ("resolving", "spawning", "warming", "ready")
         if adoptable and _healthy(engine, live, timeout):
             engine._emit(
                 ev.RecoveryAdopted(at=now(), pid=pid, create_time=create_time),
-                ev.RecoveryFinished(at=now(), summary=f"adopted healthy llama-server pid {pid}"),
+                ev.RecoveryFinished(
+                    at=now(), summary=f"adopted healthy llama-server pid {pid}{dropped}"
+                ),
             )
             return
+        unhealthy = adoptable
         if process.pid:
             engine._kill("recovery")
         else:
             _kill_untracked(engine, pid, create_time, marker)
 
-    if state.state in ("killing", "unloading", "idle"):
-        engine._emit(ev.RecoveryFinished(at=now(), summary=f"finished interrupted {state.state}"))
+    if origin in ("killing", "unloading", "idle", "recovering"):
+        engine._emit(
+            ev.RecoveryFinished(at=now(), summary=f"finished interrupted {origin}{dropped}")
+        )
         return
-    if state.state in ("failed", "crashed") and state.pending is None:
+    if origin in ("failed", "crashed") and pending is None:
         engine._emit(ev.RecoveryFinished(at=now(), summary="orphans cleaned up"))
         return
-    reason = (
-        "llama-server was gone or unhealthy when the backend restarted"
-        if state.state == "ready"
-        else f"load interrupted by backend crash (in {state.state})"
-    )
-    load_id = state.pending.load_id if state.pending else None
+    if unhealthy:
+        reason = f"llama-server did not answer /health when the backend restarted (in {origin})"
+    elif origin == "ready":
+        reason = "llama-server was gone when the backend restarted"
+    else:
+        reason = f"load interrupted by backend crash (in {origin})"
     engine._emit(
-        ev.LoadFailed(at=now(), load_id=load_id, error=reason),
+        ev.LoadFailed(at=now(), load_id=pending.load_id if pending else None, error=reason),
         ev.RecoveryFinished(at=now(), summary=reason),
     )
 
@@ -106,6 +130,9 @@ def _healthy(engine: Engine, live: ServerProcess, timeout: float) -> bool:
 def _kill_untracked(engine: Engine, pid: int, create_time: float, marker: str) -> None:
     fx = engine._effects
     victim = ServerProcess(pid, create_time, 0, "", marker, "")
-    if fx.terminate(victim, engine._kill_grace) is None:
-        fx.kill(victim, engine._kill_grace)
+    grace = engine._kill_grace
+    if fx.terminate(victim, grace) is None and fx.kill(victim, grace) is None:
+        from engine.orchestrator import EngineError
+
+        raise EngineError(f"orphan llama-server pid {pid} survived SIGKILL")
     engine._emit(ev.OrphanKilled(at=fx.now(), pid=pid, create_time=create_time, marker=marker))

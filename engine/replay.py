@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -11,9 +12,13 @@ from typing import Any
 from engine.events import Event
 from engine.evolve import IllegalTransition, evolve
 from engine.journal import CorruptJournal, Journal, decode_row
+from engine.snapshot import SnapshotError, decode, encode
 from engine.state import SlotState
 
 Until = int | float | datetime | None
+SNAPSHOT_EVERY = 1000  # events between snapshots; open replays at most this many
+
+log = logging.getLogger("studio-engine")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,3 +74,52 @@ def replay(url: str | os.PathLike[str], slot: str = "default", until: Until = No
         return replay_state(journal.read_rows(slot, **bounds(until)))
     finally:
         journal.close()
+
+
+def usable_snapshot(journal: Journal, stream: str) -> SlotState | None:
+    """The newest snapshot that matches the journal, else None (each refusal is logged)."""
+    for version, _schema, _at, text in journal.snapshots(stream):
+        try:
+            state = decode(text)
+            if state.version != version:
+                raise SnapshotError(f"holds version {state.version}, filed as {version}")
+            at = journal.event_at(stream, version)
+            if at is None or at != state.updated_at:
+                raise SnapshotError(f"does not match journal event version {version}")
+            return state
+        except SnapshotError as exc:
+            log.warning("slot %r: ignoring snapshot at version %d: %s", stream, version, exc)
+    return None
+
+
+def open_state(journal: Journal, stream: str, snapshot_every: int = SNAPSHOT_EVERY) -> SlotState:
+    """The slot state for an engine opening: newest usable snapshot plus the events after it.
+
+    Snapshots are only a cache: an unusable one is ignored with a warning and the journal is
+    replayed in full. When more than `snapshot_every` events had to be replayed, a fresh
+    snapshot is stored so the next open is fast. `snapshot_every=0` replays in full.
+    """
+    start = usable_snapshot(journal, stream) if snapshot_every > 0 else None
+    state: SlotState | None = None
+    if start is not None:
+        try:
+            state = replay_state(journal.read_rows(stream, after_version=start.version), start)
+        except CorruptJournal as exc:  # the tail does not follow the snapshot: distrust it
+            log.warning(
+                "slot %r: snapshot at version %d disagrees with the journal (%s); "
+                "replaying in full",
+                stream,
+                start.version,
+                exc,
+            )
+            start = None
+    if state is None:
+        state = replay_state(journal.read_rows(stream))
+    base = start.version if start is not None else 0
+    if snapshot_every > 0 and state.version - base >= snapshot_every:
+        if start is None:
+            log.warning(
+                "slot %r: no usable snapshot, replayed %d events in full", stream, state.version
+            )
+        journal.save_snapshot(stream, state.version, state.updated_at or 0.0, encode(state))
+    return state

@@ -122,6 +122,14 @@ def to_spec(request: LoadRequest | dict[str, Any]) -> LoadSpec:
     )
 
 
+def hf_token_of(request: LoadRequest | dict[str, Any]) -> SecretStr | None:
+    """The request's hub token, still wrapped: it stays in memory for the load, never journaled."""
+    value = request.hf_token if isinstance(request, LoadRequest) else request.get("hf_token")
+    if value is None or isinstance(value, SecretStr):
+        return value
+    return SecretStr(str(value))
+
+
 def token_fingerprint(token: str | None) -> str | None:
     return hashlib.sha256(token.encode()).hexdigest() if token else None
 
@@ -161,6 +169,7 @@ class Status:
     extra_args: tuple[str, ...]
     extra_args_source: str | None
     loading: str | None  # load id in flight
+    queued_loads: int  # load calls accepted and not yet returned (in flight + waiting)
     last_error: str | None
     journal_version: int
 

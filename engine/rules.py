@@ -286,6 +286,26 @@ def normal_speculative(value: str | None, is_vision: bool) -> str:
     return "off" if is_vision else (value or "default")
 
 
+def same_target(a: LoadSpec, b: LoadSpec) -> bool:
+    """Two requests that would load the same server, known before resolution.
+
+    Used for a load queued behind another: it waits and then short-circuits instead of
+    cancelling an equivalent load (e.g. `max_seq_length` None vs 0, repo id casing).
+    Conservative: anything resolution could still tell apart counts as different.
+    """
+    return (
+        same_source(source_of(a), source_of(b))
+        and (a.variant or "").casefold() == (b.variant or "").casefold()
+        and (a.max_seq_length or 0) == (b.max_seq_length or 0)
+        and normal_cache_type(a.cache_type_kv) == normal_cache_type(b.cache_type_kv)
+        and normal_speculative(a.speculative_type, False)
+        == normal_speculative(b.speculative_type, False)
+        and a.chat_template_override == b.chat_template_override
+        and a.extra_args == b.extra_args
+        and a.token_fingerprint == b.token_fingerprint
+    )
+
+
 def reload_reason(
     spec: LoadSpec,
     served: LoadSpec,

@@ -9,34 +9,46 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from engine import process as proc
+from engine.admission import MemoryBudget
 from engine.binary import ServerBinary
-from engine.effects import CancelToken, Exited, Health, StepFailed
+from engine.effects import CancelToken, DownloadListener, Exited, Health, StepFailed
 from engine.events import LoadSpec, ResolvedModel
 from engine.gpu import NvmlProbe
 from engine.health import HealthClient
+from engine.hub import Hub
+from engine.journal import Journal
 from engine.local_models import resolve_local
+from engine.memory import memory_budget
 from engine.state import ServerProcess
 
 
 class RealEffects:
-    def __init__(self, binary: ServerBinary, run_dir: Path) -> None:
+    def __init__(self, binary: ServerBinary, run_dir: Path, journal: Journal | None = None) -> None:
         self.binary = str(binary.path)
         self.run_dir = run_dir
         self.processes = proc.ProcessManager(binary.env)
         self._health = HealthClient()
         self._vram = NvmlProbe()
+        self.hub = Hub(journal)  # the journal keeps the hub probe cache across restarts
 
     now = staticmethod(time.time)
     monotonic = staticmethod(time.monotonic)
 
-    def resolve(self, spec: LoadSpec, cancel: CancelToken) -> ResolvedModel:
+    def resolve(
+        self,
+        spec: LoadSpec,
+        cancel: CancelToken,
+        *,
+        hf_token: SecretStr | None = None,
+        listener: DownloadListener | None = None,
+    ) -> ResolvedModel:
         cancel.check()
         if spec.model.startswith("/"):
             return resolve_local(spec.model)
-        raise StepFailed(
-            f"{spec.model!r} is a hub repo id; this engine build resolves local .gguf paths only"
-        )
+        return self.hub.resolve(spec, cancel, hf_token=hf_token, listener=listener)
 
     def free_port(self) -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -79,6 +91,12 @@ class RealEffects:
 
     def probe_vram(self) -> list[tuple[int, int]]:
         return self._vram()
+
+    def has_gpu(self) -> bool:
+        return self._vram.gpu_count() > 0
+
+    def memory_budget(self, releasing: ServerProcess | None) -> MemoryBudget:
+        return memory_budget(self._vram, releasing)
 
     def marked_processes(self, journal_id: str) -> list[tuple[int, float, str]]:
         return self.processes.marked_processes(journal_id + "/")

@@ -41,6 +41,7 @@ class PendingLoad:
     load_id: str
     spec: LoadSpec
     model: ResolvedModel | None = None
+    admission: str | None = None  # the memory verdict: "fits", "refused" or "forced"
     settled: bool = False
     launch: LoadedModel | None = None  # set at spawn_started: what the new server gets
     health_passed: bool = False
@@ -60,3 +61,6 @@ class SlotState:
     last_kill_at: float | None = None  # wall clock of the last confirmed kill (arms settle)
     last_error: str | None = None
     updated_at: float | None = None
+    # The state a recovery started from; kept across a recovery that was itself interrupted,
+    # so the next one still knows whether the server was live (adopt) or being killed.
+    recovering_from: str | None = None

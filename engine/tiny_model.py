@@ -39,11 +39,14 @@ def write_tiny_model(
     native_ctx: int = NATIVE_CTX,
     name: str = "studio-engine tiny llama",
     wrong_shape: bool = False,
+    split_max_tensors: int = 0,
 ) -> Path:
     """Write the model to `path` (parents created) and return the path.
 
     `wrong_shape=True` writes a file whose header reads fine but whose attention tensor has
     the wrong shape: llama-server starts, then dies while loading it (a warm-up crash).
+    `split_max_tensors=N` writes a split GGUF instead (`<stem>-00001-of-0000K.gguf`, ...,
+    N tensors per shard) and returns the first shard.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +54,7 @@ def write_tiny_model(
     tokens, scores, types = _vocab()
     head_dim = N_EMBD // N_HEAD
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
     writer.add_name(name)
     writer.add_context_length(native_ctx)
     writer.add_embedding_length(N_EMBD)
@@ -94,5 +97,6 @@ def write_tiny_model(
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
+    shards = writer.format_shard_names(path)
     writer.close()
-    return path
+    return shards[0]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +11,14 @@ from engine.journal import Journal
 from engine.orchestrator import Engine
 from engine.tiny_model import write_tiny_model
 from tests.fakes import FakeEffects
+
+# huggingface_hub freezes HF_ENDPOINT / HF_HOME when first imported and, on first use, fetches
+# a registry from that endpoint: point both somewhere local before anything imports it (the
+# engine imports it lazily, so here is early enough), so the suite never leaves 127.0.0.1.
+# Hub tests set their own endpoint and cache per test.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="studio-engine-hf-")
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 
 @pytest.fixture(scope="session")

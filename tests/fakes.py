@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.effects import CancelToken, Exited, Health, StepFailed
+from pydantic import SecretStr
+
+from engine.admission import MemoryBudget
+from engine.effects import CancelToken, DownloadListener, Exited, Health, StepFailed
 from engine.events import LoadSpec, ResolvedModel
 from engine.state import ServerProcess
 
@@ -25,6 +28,8 @@ class FakeEffects:
         self.next_pid = 1000
         self.next_port = 20000
         self.max_alive = 0
+        self.available_ram = 64 << 30
+        self.gpus: list[tuple[int, int]] = []  # (index, free MiB); empty = CPU-only host
 
     def now(self) -> float:
         self.clock += 0.001
@@ -33,7 +38,14 @@ class FakeEffects:
     def monotonic(self) -> float:
         return self.now()
 
-    def resolve(self, spec: LoadSpec, cancel: CancelToken) -> ResolvedModel:
+    def resolve(
+        self,
+        spec: LoadSpec,
+        cancel: CancelToken,
+        *,
+        hf_token: SecretStr | None = None,
+        listener: DownloadListener | None = None,
+    ) -> ResolvedModel:
         cancel.check()
         if "broken" in spec.model:
             raise StepFailed(f"{spec.model} is not a readable GGUF file")
@@ -81,7 +93,13 @@ class FakeEffects:
         return "error: fake server failed to load"
 
     def probe_vram(self) -> list[tuple[int, int]]:
-        return []  # CPU-only: the settle wait returns at once
+        return list(self.gpus)
+
+    def has_gpu(self) -> bool:
+        return bool(self.gpus)
+
+    def memory_budget(self, releasing: ServerProcess | None) -> MemoryBudget:
+        return MemoryBudget(free_vram_bytes=0, available_ram_bytes=self.available_ram)
 
     def marked_processes(self, journal_id: str) -> list[tuple[int, float, str]]:
         return []

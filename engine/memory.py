@@ -1,0 +1,42 @@
+"""Memory adapter (psutil + pynvml): what the host has free, and what a server would release.
+
+Admission runs before the running server is killed, so the memory that server holds counts
+as available: its private resident memory (RSS minus shared pages, which includes the
+mmapped weights the page cache keeps anyway) and the VRAM NVML attributes to its pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import psutil
+
+from engine.admission import MIB, MemoryBudget
+from engine.gpu import NvmlProbe
+from engine.process import CREATE_TIME_SLACK
+from engine.state import ServerProcess
+
+
+def releasable_ram(process: ServerProcess | None) -> int:
+    if process is None or not process.pid:
+        return 0
+    try:
+        live = psutil.Process(process.pid)
+        if abs(live.create_time() - process.create_time) > CREATE_TIME_SLACK:
+            return 0  # the pid was reused: that memory is not ours to count
+        info = live.memory_info()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0
+    return max(int(info.rss) - int(getattr(info, "shared", 0)), 0)
+
+
+def memory_budget(vram: NvmlProbe, process: ServerProcess | None) -> MemoryBudget:
+    free_vram = 0
+    with contextlib.suppress(Exception):  # a failing driver counts as no GPU: RAM only
+        free_vram = sum(free for _, free in vram()) * MIB
+    released_vram = vram.used_by(process.pid) if process is not None and process.pid else 0
+    return MemoryBudget(
+        free_vram_bytes=free_vram,
+        available_ram_bytes=int(psutil.virtual_memory().available),
+        releasable_bytes=releasable_ram(process) + released_vram,
+    )
