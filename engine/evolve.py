@@ -1,15 +1,16 @@
 """`evolve(state, event) -> state`: total, deterministic, no I/O. `fold` replays a stream.
 
 The destination state always comes from the machine's transition table; the small appliers
-below only update the data fields an event carries. An event that is not a legal trigger in
+below return only the data fields an event changes. An event that is not a legal trigger in
 the current state raises `IllegalTransition` (for a journal: a corrupt stream).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import replace
-from typing import Any
+from dataclasses import fields, replace
+from operator import attrgetter
+from typing import Any, Final
 
 from engine import events as ev
 from engine.machine import TRANSITION_TABLE
@@ -25,7 +26,8 @@ class IllegalTransition(ValueError):
         super().__init__(f"{where}{event_type!r} is not a legal transition from state {state!r}")
 
 
-Applier = Callable[[SlotState, Any], SlotState]
+Changes = dict[str, Any]  # the SlotState fields an event sets
+Applier = Callable[[SlotState, Any], Changes]
 _APPLIERS: dict[str, Applier] = {}
 
 
@@ -45,29 +47,27 @@ def _pending(state: SlotState) -> PendingLoad:
 
 
 @_on(ev.LoadRequested)
-def _load_requested(state: SlotState, e: ev.LoadRequested) -> SlotState:
-    return replace(
-        state, pending=PendingLoad(load_id=e.load_id or "", spec=e.spec), last_error=None
-    )
+def _load_requested(state: SlotState, e: ev.LoadRequested) -> Changes:
+    return dict(pending=PendingLoad(load_id=e.load_id or "", spec=e.spec), last_error=None)
 
 
 @_on(ev.ModelResolved)
-def _model_resolved(state: SlotState, e: ev.ModelResolved) -> SlotState:
-    return replace(state, pending=replace(_pending(state), model=e.model))
+def _model_resolved(state: SlotState, e: ev.ModelResolved) -> Changes:
+    return dict(pending=replace(_pending(state), model=e.model))
 
 
 @_on(ev.AdmissionChecked)
-def _admission_checked(state: SlotState, e: ev.AdmissionChecked) -> SlotState:
-    return replace(state, pending=replace(_pending(state), admission=e.verdict, error=e.error))
+def _admission_checked(state: SlotState, e: ev.AdmissionChecked) -> Changes:
+    return dict(pending=replace(_pending(state), admission=e.verdict, error=e.error))
 
 
 @_on(ev.Settled)
-def _settled(state: SlotState, e: ev.Settled) -> SlotState:
-    return replace(state, pending=replace(_pending(state), settled=True))
+def _settled(state: SlotState, e: ev.Settled) -> Changes:
+    return dict(pending=replace(_pending(state), settled=True))
 
 
 @_on(ev.SpawnStarted)
-def _spawn_started(state: SlotState, e: ev.SpawnStarted) -> SlotState:
+def _spawn_started(state: SlotState, e: ev.SpawnStarted) -> Changes:
     pending = _pending(state)
     assert pending.model is not None  # spawn_started is legal only after resolution
     launch = LoadedModel(
@@ -79,32 +79,31 @@ def _spawn_started(state: SlotState, e: ev.SpawnStarted) -> SlotState:
     )
     # The process is not known yet; its port, marker and log are (write-ahead intent).
     process = ServerProcess(0, 0.0, e.port, pending.load_id, e.marker, e.log_path)
-    return replace(state, pending=replace(pending, launch=launch), process=process)
+    return dict(pending=replace(pending, launch=launch), process=process)
 
 
 @_on(ev.Spawned)
-def _spawned(state: SlotState, e: ev.Spawned) -> SlotState:
+def _spawned(state: SlotState, e: ev.Spawned) -> Changes:
     assert state.process is not None
-    return replace(state, process=replace(state.process, pid=e.pid, create_time=e.create_time))
+    return dict(process=replace(state.process, pid=e.pid, create_time=e.create_time))
 
 
 @_on(ev.HealthPassed)
-def _health_passed(state: SlotState, e: ev.HealthPassed) -> SlotState:
-    return replace(state, pending=replace(_pending(state), health_passed=True))
+def _health_passed(state: SlotState, e: ev.HealthPassed) -> Changes:
+    return dict(pending=replace(_pending(state), health_passed=True))
 
 
 @_on(ev.HealthFailed)
-def _health_failed(state: SlotState, e: ev.HealthFailed) -> SlotState:
-    return replace(state, pending=replace(_pending(state), error=e.error), last_error=e.error)
+def _health_failed(state: SlotState, e: ev.HealthFailed) -> Changes:
+    return dict(pending=replace(_pending(state), error=e.error), last_error=e.error)
 
 
 @_on(ev.LoadSucceeded)
-def _load_succeeded(state: SlotState, e: ev.LoadSucceeded) -> SlotState:
+def _load_succeeded(state: SlotState, e: ev.LoadSucceeded) -> Changes:
     launch = _pending(state).launch
     assert launch is not None
     # Extras are committed only now, after the new server is healthy (contract rule 4).
-    return replace(
-        state,
+    return dict(
         pending=None,
         serving=launch,
         extra_args=launch.extra_args,
@@ -114,53 +113,52 @@ def _load_succeeded(state: SlotState, e: ev.LoadSucceeded) -> SlotState:
 
 
 @_on(ev.LoadAbandoned)
-def _load_abandoned(state: SlotState, e: ev.LoadAbandoned) -> SlotState:
+def _load_abandoned(state: SlotState, e: ev.LoadAbandoned) -> Changes:
     last_error = e.error if e.outcome != "cancelled" else state.last_error
-    return replace(state, pending=None, last_error=last_error)
+    return dict(pending=None, last_error=last_error)
 
 
 @_on(ev.LoadCancelled)
-def _load_cancelled(state: SlotState, e: ev.LoadCancelled) -> SlotState:
-    return replace(state, pending=None, serving=None)
+def _load_cancelled(state: SlotState, e: ev.LoadCancelled) -> Changes:
+    return dict(pending=None, serving=None)
 
 
 @_on(ev.LoadFailed)
-def _load_failed(state: SlotState, e: ev.LoadFailed) -> SlotState:
-    return replace(state, pending=None, serving=None, process=None, last_error=e.error)
+def _load_failed(state: SlotState, e: ev.LoadFailed) -> Changes:
+    return dict(pending=None, serving=None, process=None, last_error=e.error)
 
 
 @_on(ev.ProcessExited)
-def _process_exited(state: SlotState, e: ev.ProcessExited) -> SlotState:
+def _process_exited(state: SlotState, e: ev.ProcessExited) -> Changes:
     if state.process is None or state.process.pid != e.pid:
-        return state  # an orphan or an already forgotten process
-    return replace(state, process=None, serving=None, last_kill_at=e.at)
+        return {}  # an orphan or an already forgotten process
+    return dict(process=None, serving=None, last_kill_at=e.at)
 
 
 @_on(ev.Crashed)
-def _crashed(state: SlotState, e: ev.Crashed) -> SlotState:
+def _crashed(state: SlotState, e: ev.Crashed) -> Changes:
     # A crash frees GPU memory just like a kill does: it arms the settle wait too.
     code = "" if e.returncode is None else f" with code {e.returncode}"
     error = f"llama-server (pid {e.pid}) exited on its own{code}"
-    return replace(state, process=None, serving=None, last_kill_at=e.at, last_error=error)
+    return dict(process=None, serving=None, last_kill_at=e.at, last_error=error)
 
 
 @_on(ev.Unloaded)
-def _unloaded(state: SlotState, e: ev.Unloaded) -> SlotState:
-    return replace(state, process=None, serving=None, last_error=None)
+def _unloaded(state: SlotState, e: ev.Unloaded) -> Changes:
+    return dict(process=None, serving=None, last_error=None)
 
 
 @_on(ev.RecoveryAdopted)
-def _recovery_adopted(state: SlotState, e: ev.RecoveryAdopted) -> SlotState:
+def _recovery_adopted(state: SlotState, e: ev.RecoveryAdopted) -> Changes:
     # The adopted server may have been found by its marker (pid never journaled).
     assert state.process is not None
     process = replace(state.process, pid=e.pid, create_time=e.create_time)
     pending = state.pending
     if pending is None or pending.launch is None or process.load_id != pending.load_id:
         # A ready server stays as it was; a load interrupted before its spawn is dropped.
-        return replace(state, process=process, pending=None)
+        return dict(process=process, pending=None)
     launch = pending.launch  # adoption completes the interrupted load
-    return replace(
-        state,
+    return dict(
         process=process,
         pending=None,
         serving=launch,
@@ -170,15 +168,15 @@ def _recovery_adopted(state: SlotState, e: ev.RecoveryAdopted) -> SlotState:
 
 
 @_on(ev.RecoveryStarted)
-def _recovery_started(state: SlotState, e: ev.RecoveryStarted) -> SlotState:
+def _recovery_started(state: SlotState, e: ev.RecoveryStarted) -> Changes:
     # A recovery interrupted by another crash keeps the state the first one started from.
     origin = state.recovering_from if state.state == "recovering" else state.state
-    return replace(state, recovering_from=origin)
+    return dict(recovering_from=origin)
 
 
 @_on(ev.RecoveryFinished)
-def _recovery_finished(state: SlotState, e: ev.RecoveryFinished) -> SlotState:
-    return replace(state, pending=None) if state.state == "recovering" else state
+def _recovery_finished(state: SlotState, e: ev.RecoveryFinished) -> Changes:
+    return dict(pending=None) if state.state == "recovering" else {}
 
 
 def evolve(state: SlotState, event: ev.Event, seq: int | None = None) -> SlotState:
@@ -187,10 +185,30 @@ def evolve(state: SlotState, event: ev.Event, seq: int | None = None) -> SlotSta
     if dest is None:
         raise IllegalTransition(state.state, event.type, seq)
     applier = _APPLIERS.get(event.type)
-    after = applier(state, event) if applier is not None else state
-    if after.recovering_from is not None and dest != "recovering":
-        after = replace(after, recovering_from=None)  # the recovery is over
-    return replace(after, state=dest, version=state.version + 1, updated_at=event.at)
+    changes = applier(state, event) if applier is not None else {}
+    if dest != "recovering" and changes.get("recovering_from", state.recovering_from):
+        changes["recovering_from"] = None  # the recovery is over
+    changes.update(state=dest, version=state.version + 1, updated_at=event.at)
+    return _copy_with(state, changes)
+
+
+# Copying the frozen SlotState is what bounds replay speed: `dataclasses.replace` goes through
+# the frozen __init__ (one object.__setattr__ per field) and costs ~2.4x this direct copy
+# through the slot descriptors. A unit test checks it against `replace` field by field.
+_FIELDS: Final = tuple(f.name for f in fields(SlotState))
+_READ_ALL: Final = attrgetter(*_FIELDS)
+_INDEX: Final = {name: i for i, name in enumerate(_FIELDS)}
+_SETTERS: Final = tuple(getattr(SlotState, name).__set__ for name in _FIELDS)
+
+
+def _copy_with(state: SlotState, changes: Changes) -> SlotState:
+    values = list(_READ_ALL(state))
+    for name, value in changes.items():
+        values[_INDEX[name]] = value  # KeyError on a misspelt field, like replace()
+    copy = object.__new__(SlotState)
+    for set_field, value in zip(_SETTERS, values, strict=True):
+        set_field(copy, value)
+    return copy
 
 
 def fold(events: Iterable[ev.Event], initial: SlotState | None = None) -> SlotState:

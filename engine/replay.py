@@ -41,29 +41,35 @@ def bounds(until: Until) -> dict[str, Any]:
     return {"until_seq": until}
 
 
+def _apply(
+    state: SlotState, seq: int, version: int, type_: str, payload: str
+) -> tuple[Event, SlotState]:
+    if version != state.version + 1:
+        raise CorruptJournal(seq, f"version {version} follows {state.version}: events missing")
+    event = decode_row(seq, type_, payload)
+    try:
+        return event, evolve(state, event, seq)
+    except IllegalTransition as exc:
+        message = f"{type_!r} is not a legal transition from state {exc.state!r}"
+        raise CorruptJournal(seq, message) from exc
+
+
 def replay_steps(
     rows: Iterable[tuple[int, int, float, str, str]], initial: SlotState | None = None
 ) -> Iterator[Step]:
     state = initial if initial is not None else SlotState()
     for seq, version, at, type_, payload in rows:
-        if version != state.version + 1:
-            raise CorruptJournal(seq, f"version {version} follows {state.version}: events missing")
-        event = decode_row(seq, type_, payload)
-        try:
-            state = evolve(state, event, seq)
-        except IllegalTransition as exc:
-            message = f"{type_!r} is not a legal transition from state {exc.state!r}"
-            raise CorruptJournal(seq, message) from exc
+        event, state = _apply(state, seq, version, type_, payload)
         yield Step(seq, at, event, state)
 
 
 def replay_state(
     rows: Iterable[tuple[int, int, float, str, str]], initial: SlotState | None = None
 ) -> SlotState:
-    """Fold rows into a state without keeping the steps (the hot path)."""
+    """Fold rows into a state without building a Step per event (the hot path)."""
     state = initial if initial is not None else SlotState()
-    for step in replay_steps(rows, state):
-        state = step.state
+    for seq, version, _, type_, payload in rows:
+        state = _apply(state, seq, version, type_, payload)[1]
     return state
 
 

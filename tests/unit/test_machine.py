@@ -42,3 +42,20 @@ def test_machine_has_no_conditions() -> None:
         for transitions in event.transitions.values():
             for transition in transitions:
                 assert not transition.conditions  # `unless` guards live here too
+
+
+def test_evolve_copies_the_state_exactly_like_dataclasses_replace() -> None:
+    from dataclasses import fields, replace
+
+    from engine.evolve import _copy_with
+    from engine.state import SlotState
+
+    base = SlotState(extra_args=("--seed", "1"), last_error="boom", last_kill_at=3.0)
+    for field in fields(SlotState):
+        value = getattr(base, field.name)
+        changed = "x" if isinstance(value, str) or value is None else value
+        changes = {field.name: changed, "version": 7}
+        assert _copy_with(base, dict(changes)) == replace(base, **changes)
+    assert _copy_with(base, {}) == base and _copy_with(base, {}) is not base
+    with pytest.raises(KeyError):
+        _copy_with(base, {"no_such_field": 1})
