@@ -47,6 +47,8 @@ PREFERRED_VARIANTS: Final = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q8_0")
 MMPROJ_PREFERENCE: Final = ("F16", "BF16", "Q8_0", "F32")
 DEFAULT_ENDPOINT: Final = "https://huggingface.co"
 PROBE_TIMEOUT_S: Final = 10.0
+# Cached refusals (not found, gated, no GGUF) are definitive for this long, then re-probed.
+ERROR_RETRY_S: Final = 600.0
 
 _SPLIT = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 _QUANT = re.compile(
@@ -239,17 +241,23 @@ class ProbeCache:
         with self._lock:
             return self._entries.get(key)
 
+    def forget(self, key: Key) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
     def get(
         self,
         key: Key,
         probe: Callable[[], ev.HubProbed],
         cancel: CancelToken,
-        *,
-        refresh: bool = False,
     ) -> ev.HubProbed:
-        """The cached answer for `key`, else `probe()` run once however many callers ask."""
+        """The cached answer for `key`, else `probe()` run once however many callers ask.
+
+        A cached refusal older than `ERROR_RETRY_S` is probed again: "gated" ends when the
+        user accepts the terms, "not found" when the repo is created or made public.
+        """
         with self._lock:
-            hit = None if refresh else self._entries.get(key)
+            hit = _fresh(self._entries.get(key))
             if hit is not None:
                 return hit
             flight = self._inflight.get(key)
@@ -259,7 +267,7 @@ class ProbeCache:
         if not owner:
             return _wait(flight, cancel)
         try:
-            result = None if refresh else self._catch_up(key)
+            result = _fresh(self._catch_up(key))
             if result is None:
                 result = probe()
                 self._store(result)
@@ -305,6 +313,12 @@ class ProbeCache:
                     log.warning("hub probe of %s not persisted: journal kept moving", record.key)
             with self._lock:
                 self._entries[(record.key, record.token_fingerprint)] = record
+
+
+def _fresh(record: ev.HubProbed | None) -> ev.HubProbed | None:
+    if record is not None and record.error is not None and time.time() - record.at > ERROR_RETRY_S:
+        return None
+    return record
 
 
 def _wait(flight: Future[ev.HubProbed], cancel: CancelToken) -> ev.HubProbed:
@@ -377,7 +391,7 @@ class Hub:
             probe = self.cache.cached(key) or self._probe_local(spec.model, key)
         else:
             probe = self.cache.get(
-                key, lambda: self._probe_remote(spec.model, token, key), cancel, refresh=spec.force
+                key, lambda: self._probe_remote(spec.model, token, key), cancel
             )
         if probe.error is not None:
             raise StepFailed(probe.error)
@@ -414,9 +428,13 @@ class Hub:
         for path in missing:
             cancel.check()
             start = time.monotonic()
-            paths[path] = self._download(
-                repo_id, commit, path, sizes.get(path, 0), token, cancel, listener
-            )
+            try:
+                paths[path] = self._download(
+                    repo_id, commit, path, sizes.get(path, 0), token, cancel, listener
+                )
+            except _GoneFromHub as gone:
+                self.cache.forget(key)  # the probed commit is stale: the next load probes again
+                raise StepFailed(str(gone)) from None
             if listener is not None:
                 listener.finished(path, Path(paths[path]).stat().st_size, time.monotonic() - start)
         cancel.check()
@@ -568,14 +586,18 @@ class Hub:
                 tqdm_class=cast(Any, bar),
             )
         except (RepositoryNotFoundError, RevisionNotFoundError):
-            raise StepFailed(
-                f"{repo_id}/{path} at {commit[:12]} is gone from the hub; reload with force=True "
-                "to probe the repo again"
+            raise _GoneFromHub(
+                f"{repo_id}/{path} at {commit[:12]} is gone from the hub; the next load probes "
+                "the repo again"
             ) from None
         except (Cancelled, StepFailed):
             raise
         except Exception as exc:
             raise _transient(f"downloading {repo_id}/{path}", exc) from None
+
+
+class _GoneFromHub(Exception):
+    """A file of the cached probe's commit no longer exists on the hub."""
 
 
 def _transient(what: str, exc: BaseException) -> StepFailed:

@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+from freezegun import freeze_time
 
 from engine import events as ev
 from engine.effects import Cancelled, CancelToken, StepFailed
 from engine.hub import (
+    ERROR_RETRY_S,
     PREFERRED_VARIANTS,
     ProbeCache,
     gguf_candidates,
@@ -136,7 +138,7 @@ def test_scrub_hides_tokens_in_error_text() -> None:
 
 
 def record(key: tuple[str, str | None], **fields: object) -> ev.HubProbed:
-    return ev.HubProbed(at=1.0, key=key[0], token_fingerprint=key[1], **fields)  # type: ignore[arg-type]
+    return ev.HubProbed(at=time.time(), key=key[0], token_fingerprint=key[1], **fields)  # type: ignore[arg-type]
 
 
 def test_concurrent_probes_of_one_key_run_once() -> None:
@@ -224,6 +226,19 @@ def test_transient_failures_are_shared_but_not_cached() -> None:
     assert cache.get(("a/b", None), flaky, CancelToken()).error == "definitive"
     assert cache.get(("a/b", None), flaky, CancelToken()).error == "definitive"
     assert attempts == 2
+
+
+def test_a_cached_refusal_is_probed_again_after_the_retry_interval() -> None:
+    cache = ProbeCache(None)
+    with freeze_time("2026-11-26 12:00:00") as clock:
+        answers = iter(
+            [record(("a/b", None), error="gated"), record(("a/b", None), repo_id="a/b")]
+        )
+        assert cache.get(("a/b", None), lambda: next(answers), CancelToken()).error == "gated"
+        clock.tick(ERROR_RETRY_S - 1)
+        assert cache.get(("a/b", None), lambda: next(answers), CancelToken()).error == "gated"
+        clock.tick(2)  # the user accepted the repo's terms meanwhile
+        assert cache.get(("a/b", None), lambda: next(answers), CancelToken()).error is None
 
 
 def test_the_cache_lives_in_its_own_journal_stream(tmp_path: Path) -> None:
