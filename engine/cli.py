@@ -193,8 +193,10 @@ def cmd_postmortem(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from engine.demo import run_demo
+    from engine.demo import run_demo, run_hub_demo
 
+    if args.hub is not None:
+        return run_hub_demo(Path(args.dir), args.hub, args.variant)
     return run_demo(Path(args.dir))
 
 
@@ -252,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="walk a real session against a real llama-server")
     demo.add_argument("--dir", default="var/demo", help="where the journal, model and logs go")
+    demo.add_argument(
+        "--hub",
+        metavar="OWNER/REPO",
+        help="instead: download a hub GGUF repo with a progress bar (honours HF_ENDPOINT, "
+        "HF_TOKEN, HF_HUB_OFFLINE), load it twice, unload",
+    )
+    demo.add_argument("--variant", help="with --hub: the GGUF variant, e.g. Q4_K_M")
     demo.set_defaults(func=cmd_demo)
 
     db = sub.add_parser("db", help="journal schema management")

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
+from typing import TextIO
 
 from engine.cli import print_timeline
 from engine.diagram import write_diagrams
 from engine.orchestrator import Engine
-from engine.request import LoadRequest
+from engine.effects import DownloadProgress, FileProgress
+from engine.request import LoadRequest, LoadResult
 from engine.tiny_model import write_tiny_model
 
 
@@ -18,12 +22,95 @@ def _say(step: str, detail: str = "") -> None:
     print(f"\n▶ {step}" + (f"\n  {detail}" if detail else ""))
 
 
-def run_demo(workdir: Path) -> int:
+BAR_WIDTH = 30
+MIB = 1024 * 1024
+
+
+def progress_line(progress: DownloadProgress) -> str:
+    """`[#######.......]  45%   12.3 / 27.0 MiB  owner/repo` (per-file detail stays in memory)."""
+    total = max(progress.total, 1)
+    filled = BAR_WIDTH * progress.done // total
+    return (
+        f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {100 * progress.done // total:3d}%  "
+        f"{progress.done / MIB:6.1f} / {progress.total / MIB:.1f} MiB  {progress.repo_id}"
+    )
+
+
+def load_with_progress(
+    engine: Engine, request: LoadRequest, out: TextIO = sys.stdout, every: float = 0.1
+) -> LoadResult:
+    """`engine.load`, drawing a progress bar from `engine.progress()` while it downloads."""
+    results: list[LoadResult] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(engine.load(request))
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=run, name="demo-load")
+    worker.start()
+    last: DownloadProgress | None = None
+    while worker.is_alive():
+        worker.join(every)
+        progress = engine.progress()
+        if progress is not None and progress != last:
+            out.write("\r  " + progress_line(progress))
+            out.flush()
+            last = progress
+    if errors:
+        if last is not None:
+            out.write("\n")
+        raise errors[0]
+    result = results[0]
+    if last is not None:
+        if result.ok:  # the last poll may predate the final chunk: a finished download is 100 %
+            files = tuple(FileProgress(f.path, f.total, f.total) for f in last.files)
+            last = DownloadProgress(last.load_id, last.repo_id, files)
+        out.write("\r  " + progress_line(last) + "\n")
+    return result
+
+
+def run_hub_demo(workdir: Path, repo_id: str, variant: str | None) -> int:
+    """Download and load a hub model with a progress bar, load it again (cached), unload."""
+    journal = _fresh_journal(workdir)
+    print(f"studio-engine demo — journal {journal}\nhub model: {repo_id} ({variant or 'auto'})")
+    engine = Engine.open(journal, run_dir=workdir / "run")
+    try:
+        request = LoadRequest(model_path=repo_id, gguf_variant=variant)
+        t = time.perf_counter()
+        result = load_with_progress(engine, request)
+        _say(
+            f"load {repo_id}",
+            f"{result.status} in {time.perf_counter() - t:.1f} s: {result.model_file}"
+            + (f" — {result.error}" if result.error else ""),
+        )
+        if result.ok:
+            t = time.perf_counter()
+            again = engine.load(request)
+            _say(
+                "the same load again",
+                f"{again.status} in {(time.perf_counter() - t) * 1000:.2f} ms",
+            )
+            _say("unload", f"state {engine.unload().state}")
+    finally:
+        engine.close()
+    print(f"\nReplayed from the journal (`studio-engine replay {journal}`):\n")
+    print_timeline(str(journal), "default", None)
+    return 0 if result.ok else 1
+
+
+def _fresh_journal(workdir: Path) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
-    journal = workdir / "journal.db"
     for stale in workdir.glob("journal.db*"):
         if stale.is_file():
             stale.unlink()
+    return workdir / "journal.db"
+
+
+def run_demo(workdir: Path) -> int:
+    journal = _fresh_journal(workdir)
     model = write_tiny_model(workdir / "tiny-llama.gguf")
     print(f"studio-engine demo — journal {journal}\nmodel: {model} ({model.stat().st_size} bytes)")
 

@@ -321,3 +321,19 @@ def _fingerprint(token: str) -> str:
     import hashlib
 
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def test_the_demo_draws_a_progress_bar_for_a_hub_download(
+    hub: FakeHub, tiny_repo: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.demo import run_hub_demo
+
+    # Slow enough (~0.5 s) for the 0.1 s poll to draw frames before the final one.
+    hub.throttles["Tiny-Q4_K_M.gguf"] = Throttle(chunk=64 * 1024, delay_s=0.08)
+    assert run_hub_demo(tmp_path / "demo", "unsloth/tiny-gguf", None) == 0
+    out = capsys.readouterr().out
+    frames = [line for line in out.replace("\r", "\n").splitlines() if "MiB" in line]
+    assert len(frames) >= 2, out
+    assert frames[-1].lstrip().startswith("[" + "#" * 30 + "] 100%")
+    assert "unsloth/Tiny-GGUF" in frames[-1]
+    assert "already_loaded" in out and "Tiny-Q4_K_M.gguf" in out
