@@ -12,8 +12,8 @@ from typing import TextIO
 
 from engine.cli import print_timeline
 from engine.diagram import write_diagrams
-from engine.orchestrator import Engine
 from engine.effects import DownloadProgress, FileProgress
+from engine.orchestrator import Engine
 from engine.request import LoadRequest, LoadResult
 from engine.tiny_model import write_tiny_model
 
