@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -430,3 +431,42 @@ def test_a_refused_request_journals_nothing(
     engine.unload()
     engine.load({"model_path": str(tiny_model)})
     assert engine.status().extra_args == ("--seed", "42"), "the refused extras poisoned nothing"
+
+
+LOAD_CHECKPOINTS = [
+    "load_requested",
+    "model_resolved",
+    "admission_checked",
+    "kill_started",
+    "process_exited",
+    "settle_started",
+    "settled",
+    "spawn_started",
+    "spawned",
+    "health_passed",
+]
+
+
+@pytest.mark.parametrize("checkpoint", LOAD_CHECKPOINTS)
+def test_an_unload_arriving_at_any_instant_of_a_reload_is_never_lost(
+    fake_engine: tuple[Engine, FakeEffects], tiny_model: Path, checkpoint: str
+) -> None:
+    engine, effects = fake_engine
+    engine.load({"model_path": str(tiny_model)})
+    unloads: list[threading.Thread] = []
+
+    def unload_now(event: ev.Event, state: SlotState) -> None:
+        if event.type != checkpoint or unloads:
+            return
+        flight = engine._flights[0]
+        unloads.append(threading.Thread(target=engine.unload))
+        unloads[0].start()
+        assert flight.token._event.wait(5), "the unload never reached the load's token"
+
+    engine.observe(unload_now)
+    result = engine.load({"model_path": str(tiny_model), "max_seq_length": 512})
+    unloads[0].join(5)
+    # Past its last checkpoint (health passed) a load commits; the unload then runs after it.
+    assert result.status == ("loaded" if checkpoint == "health_passed" else "cancelled")
+    assert engine.status().state == "idle"
+    assert not any(effects.alive.values()), "a server outlived the unload"
