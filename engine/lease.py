@@ -212,11 +212,15 @@ class Lease:
             except Exception:  # a database hiccup: the next beat retries well before expiry
                 log.warning("slot %r: lease heartbeat failed", self.stream, exc_info=True)
 
-    def release(self) -> None:
+    def stop(self) -> None:
+        """Stop renewing; the row stays, as a crashed holder's would (until it expires)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def release(self) -> None:
+        self.stop()
         with self.journal.engine.begin() as conn:
             conn.execute(
                 leases_table.delete().where(

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,19 @@ from tests.fakes import FakeEffects
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="studio-engine-hf-")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def no_engine_left_open() -> Iterator[None]:
+    """Every test closes the engines it opens: no lease heartbeat or crash monitor outlives it."""
+    before = {t.ident for t in threading.enumerate()}
+    yield
+    left = [
+        t.name
+        for t in threading.enumerate()
+        if t.ident not in before and t.name.startswith(("lease-", "monitor-"))
+    ]
+    assert not left, f"threads of an engine that was never closed: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -52,12 +52,19 @@ def test_a_second_engine_on_the_same_slot_is_refused(any_journal_url: str) -> No
     _open(any_journal_url).close()
 
 
+def _forget_lease(engine: Engine) -> None:
+    """Drop the engine's lease without releasing it: as if the engine were SIGKILLed."""
+    assert engine._lease is not None
+    engine._lease.stop()
+    engine._lease = None
+
+
 def test_lease_of_a_dead_process_on_this_host_is_taken_over(any_journal_url: str) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     first = _open(any_journal_url)
     _set_holder(any_journal_url, pid=dead.pid, holder="crashed-engine")
-    first._lease = None  # forget it without releasing: as if SIGKILLed
+    _forget_lease(first)  # forget it without releasing: as if SIGKILLed
     first.close()
     second = _open(any_journal_url)  # the holder's pid is gone: taken over
     second.close()
@@ -67,7 +74,7 @@ def test_reused_pid_is_not_the_holder(any_journal_url: str) -> None:
     first = _open(any_journal_url)
     # Our own (live) pid, but another create_time: the pid was reused by someone else.
     _set_holder(any_journal_url, holder="old-engine", create_time=1.0)
-    first._lease = None
+    _forget_lease(first)
     first.close()
     _open(any_journal_url).close()
 
@@ -75,7 +82,7 @@ def test_reused_pid_is_not_the_holder(any_journal_url: str) -> None:
 def test_other_host_lease_blocks_until_it_expires(any_journal_url: str) -> None:
     first = _open(any_journal_url, lease_ttl=30.0)
     _set_holder(any_journal_url, holder="remote", host="another-host", pid=1)
-    first._lease = None
+    _forget_lease(first)
     first.close()
     with pytest.raises(SlotBusy, match="pid 1 on host 'another-host'"):
         _open(any_journal_url)
@@ -107,7 +114,7 @@ def test_heartbeat_renews_and_a_taken_lease_stops_the_engine(
         with pytest.raises(EngineError, match="taken over by another engine"):
             engine.load(LoadRequest(model_path=str(model)))
     finally:
-        engine._lease = None
+        _forget_lease(engine)
         engine.close()
 
 
