@@ -48,10 +48,12 @@ class MemoryBudget:
     free_vram_bytes: int
     available_ram_bytes: int
     releasable_bytes: int = 0
+    limit_bytes: int | None = None  # an operator's cap on what the slot may use
 
     @property
     def total(self) -> int:
-        return self.free_vram_bytes + self.available_ram_bytes + self.releasable_bytes
+        measured = self.free_vram_bytes + self.available_ram_bytes + self.releasable_bytes
+        return measured if self.limit_bytes is None else min(measured, self.limit_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +107,15 @@ def verdict(need: int, budget: MemoryBudget, force: bool) -> Verdict:
 
 
 def refusal_message(need: int, budget: MemoryBudget) -> str:
+    cap = (
+        f", capped by memory_limit at {budget.limit_bytes / MIB:,.0f}"
+        if budget.limit_bytes is not None
+        else ""
+    )
     return (
         f"not enough memory for this load: needs ~{need / MIB:,.0f} MiB, "
         f"{budget.total / MIB:,.0f} MiB available (free VRAM {budget.free_vram_bytes / MIB:,.0f}"
         f" + available RAM {budget.available_ram_bytes / MIB:,.0f} + released by the current "
-        f"server {budget.releasable_bytes / MIB:,.0f}); lower max_seq_length, pick a smaller "
-        "variant or KV cache type, or pass force=True"
+        f"server {budget.releasable_bytes / MIB:,.0f}{cap}); lower max_seq_length, pick a "
+        "smaller variant or KV cache type, or pass force=True"
     )

@@ -128,6 +128,7 @@ class AdmissionChecked(BaseEvent):
     free_vram_bytes: int
     available_ram_bytes: int
     releasable_bytes: int
+    limit_bytes: int | None = None  # Engine(memory_limit=...), when set
     verdict: Literal["fits", "refused", "forced"]
     error: str | None = None  # the refusal message, when refused
 

@@ -465,11 +465,7 @@ class Engine:
             pending.spec, pending.model.source, state.extra_args, state.extra_args_source
         )
         need = admission.estimate(pending.model, pending.spec, extra_args)
-        budget = self._effects.memory_budget(state.process)
-        if self._memory_limit is not None:  # an operator's cap on what this slot may use
-            budget = admission.MemoryBudget(
-                free_vram_bytes=0, available_ram_bytes=min(budget.total, self._memory_limit)
-            )
+        budget = replace(self._effects.memory_budget(state.process), limit_bytes=self._memory_limit)
         verdict = admission.verdict(need.need, budget, pending.spec.force)
         self._emit(
             ev.AdmissionChecked(
@@ -483,6 +479,7 @@ class Engine:
                 free_vram_bytes=budget.free_vram_bytes,
                 available_ram_bytes=budget.available_ram_bytes,
                 releasable_bytes=budget.releasable_bytes,
+                limit_bytes=budget.limit_bytes,
                 verdict=verdict,
                 error=admission.refusal_message(need.need, budget) if verdict != "fits" else None,
             )

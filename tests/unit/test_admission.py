@@ -132,3 +132,13 @@ def test_a_refused_cold_load_fails_and_the_next_one_can_proceed(
     assert engine.status().state == "failed"
     effects.available_ram = 64 << 30
     assert engine.load(LoadRequest(model_path=str(tiny_model))).status == "loaded"
+
+
+def test_a_memory_limit_caps_what_is_available_and_is_named() -> None:
+    from engine.admission import refusal_message
+
+    capped = MemoryBudget(8 << 30, 8 << 30, releasable_bytes=1 << 30, limit_bytes=1 << 30)
+    assert capped.total == 1 << 30
+    assert verdict(2 << 30, capped, force=False) == "refused"
+    assert "capped by memory_limit at 1,024" in refusal_message(2 << 30, capped)
+    assert MemoryBudget(1, 2, 3, limit_bytes=None).total == 6
