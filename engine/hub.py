@@ -13,172 +13,33 @@ huggingface_hub freezes most of it into constants when it is first imported.
   no request at all. Progress is reported per chunk (memory) and per file (journal); the
   cancel token is checked between files and at every chunk huggingface_hub hands over
   (10 MiB for plain HTTP downloads).
-* Variant: `PREFERRED_VARIANTS` when none is named, else a case-insensitive match of the
-  quantisation tag in the file name; split GGUFs download every shard and run the first.
+* Variant: engine.variants picks the files; split GGUFs download every shard, run the first.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, cast
 
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 
 from engine import events as ev
 from engine.effects import Cancelled, CancelToken, DownloadListener, StepFailed
-from engine.journal import ConcurrencyConflict, Journal
+from engine.journal import Journal
 from engine.local_models import describe_model
+from engine.probe_cache import Key, ProbeCache
 from engine.request import token_fingerprint
 from engine.rules import HF_TOKEN_PATTERN
+from engine.variants import gguf_candidates, pick_mmproj, pick_variant
 
 log = logging.getLogger("studio-engine")
 
-# Picked in this order when a request names no variant; then the smallest GGUF in the repo.
-PREFERRED_VARIANTS: Final = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q8_0")
-# Projector precision, best first; then the smallest mmproj file.
-MMPROJ_PREFERENCE: Final = ("F16", "BF16", "Q8_0", "F32")
 DEFAULT_ENDPOINT: Final = "https://huggingface.co"
 PROBE_TIMEOUT_S: Final = 10.0
-# Cached refusals (not found, gated, no GGUF) are definitive for this long, then re-probed.
-ERROR_RETRY_S: Final = 600.0
-
-_SPLIT = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
-_QUANT = re.compile(
-    r"(?<![A-Za-z0-9])((?:UD-)?(?:[IT]?Q\d+(?:_[A-Za-z0-9]+)*|BF16|F16|F32|MXFP4(?:_MOE)?))"
-    r"(?![A-Za-z0-9])",
-    re.IGNORECASE,
-)
-
-Key = tuple[str, str | None]  # (repo id casefolded, token fingerprint)
-
-
-# --- choosing files (pure) ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """One model in a repo: a single .gguf file or a complete set of split shards."""
-
-    name: str  # repo path without `.gguf` and without the split suffix
-    files: tuple[str, ...]  # repo paths, the first shard first
-    size: int
-    tag: str | None  # quantisation read from the file name, e.g. "Q4_K_M"
-    missing: tuple[int, ...] = ()  # shard numbers absent from the repo
-
-    @property
-    def variant(self) -> str:
-        return self.tag or self.name.rsplit("/", 1)[-1]
-
-
-def quant_tag(stem: str) -> str | None:
-    """The quantisation named in a file stem (the last one, e.g. `x-Q4_K_M` -> `Q4_K_M`)."""
-    found = _QUANT.findall(stem)
-    return found[-1] if found else None
-
-
-def _basename(path: str) -> str:
-    return path.rsplit("/", 1)[-1]
-
-
-def is_mmproj(path: str) -> bool:
-    base = _basename(path).lower()
-    return base.startswith("mmproj") and base.endswith(".gguf")
-
-
-def gguf_candidates(files: Sequence[ev.DownloadFile]) -> list[Candidate]:
-    """Every model GGUF in a repo listing (projectors excluded), split shards grouped."""
-    found: list[Candidate] = []
-    shards: dict[tuple[str, int], dict[int, ev.DownloadFile]] = {}
-    for file in files:
-        if not file.path.lower().endswith(".gguf") or is_mmproj(file.path):
-            continue
-        split = _SPLIT.match(file.path)
-        if split is None:
-            stem = file.path[: -len(".gguf")]
-            found.append(Candidate(stem, (file.path,), file.size_bytes, quant_tag(_basename(stem))))
-            continue
-        group = shards.setdefault((split["stem"], int(split["count"])), {})
-        group[int(split["index"])] = file
-    for (stem, count), parts in shards.items():
-        ordered = [parts[i] for i in sorted(parts)]
-        missing = tuple(i for i in range(1, count + 1) if i not in parts)
-        found.append(
-            Candidate(
-                stem,
-                tuple(p.path for p in ordered),
-                sum(p.size_bytes for p in ordered),
-                quant_tag(_basename(stem)),
-                missing,
-            )
-        )
-    return sorted(found, key=lambda c: c.name)
-
-
-def _complete(candidate: Candidate, repo_id: str) -> Candidate:
-    if candidate.missing:
-        numbers = ", ".join(str(i) for i in candidate.missing)
-        raise StepFailed(f"{repo_id}: split GGUF {candidate.name!r} lacks shard(s) {numbers}")
-    return candidate
-
-
-def _listing(candidates: Sequence[Candidate]) -> str:
-    return ", ".join(sorted({c.variant for c in candidates}))
-
-
-def pick_variant(candidates: Sequence[Candidate], variant: str | None, repo_id: str) -> Candidate:
-    """The candidate a request means; every refusal names what the repo offers."""
-    if not candidates:
-        raise StepFailed(f"hub repo {repo_id!r} has no GGUF model file")
-    if variant is None:
-        for preferred in PREFERRED_VARIANTS:
-            same = [c for c in candidates if (c.tag or "").casefold() == preferred.casefold()]
-            if same:
-                return _complete(min(same, key=lambda c: (c.size, c.name)), repo_id)
-        return _complete(min(candidates, key=lambda c: (c.size, c.name)), repo_id)
-    want = variant.casefold().removesuffix(".gguf")
-    matches = [c for c in candidates if (c.tag or "").casefold() == want]
-    if not matches:  # a file name, or a tag the regex reads differently (e.g. "UD-Q4_K_XL")
-        matches = [
-            c
-            for c in candidates
-            if want in (c.name.casefold(), _basename(c.name).casefold())
-            or re.search(rf"(?<![a-z0-9_]){re.escape(want)}(?![a-z0-9_])", c.name.casefold())
-        ]
-    if not matches:
-        raise StepFailed(
-            f"gguf_variant {variant!r} is not in hub repo {repo_id!r}; "
-            f"it has: {_listing(candidates)}"
-        )
-    if len(matches) > 1:
-        names = ", ".join(c.name for c in matches)
-        raise StepFailed(
-            f"gguf_variant {variant!r} matches several files in {repo_id!r} ({names}); "
-            "name one of them"
-        )
-    return _complete(matches[0], repo_id)
-
-
-def pick_mmproj(files: Sequence[ev.DownloadFile]) -> ev.DownloadFile | None:
-    """The vision projector to use, if the repo has one (which makes it a vision model)."""
-    projectors = [f for f in files if is_mmproj(f.path)]
-    for preferred in MMPROJ_PREFERENCE:
-        same = [
-            f
-            for f in projectors
-            if (quant_tag(_basename(f.path)[: -len(".gguf")]) or "").casefold()
-            == preferred.casefold()
-        ]
-        if same:
-            return min(same, key=lambda f: (f.size_bytes, f.path))
-    return min(projectors, key=lambda f: (f.size_bytes, f.path)) if projectors else None
 
 
 # --- the environment, read at call time ---------------------------------------------------------
@@ -216,118 +77,6 @@ def hub_offline() -> bool:
 def scrub(text: str) -> str:
     """Error text from the hub client, safe for the journal and logs."""
     return HF_TOKEN_PATTERN.sub("hf_***", text).strip().splitlines()[0][:300] if text else ""
-
-
-# --- the probe cache --------------------------------------------------------------------------
-
-
-class ProbeCache:
-    """Definitive probe answers, persisted in the journal's `@hub-probes` stream.
-
-    The in-memory map is a read-through view of that stream: a miss first catches up with
-    rows other engines (or an earlier run) appended, then probes once for all callers.
-    """
-
-    def __init__(self, journal: Journal | None) -> None:
-        self._journal = journal
-        self._entries: dict[Key, ev.HubProbed] = {}
-        self._version = 0
-        self._lock = threading.Lock()  # guards the maps; never held during I/O
-        self._write_lock = threading.Lock()  # our own appends, one at a time
-        self._inflight: dict[Key, Future[ev.HubProbed]] = {}
-        self._catch_up()
-
-    def cached(self, key: Key) -> ev.HubProbed | None:
-        with self._lock:
-            return self._entries.get(key)
-
-    def forget(self, key: Key) -> None:
-        with self._lock:
-            self._entries.pop(key, None)
-
-    def get(
-        self,
-        key: Key,
-        probe: Callable[[], ev.HubProbed],
-        cancel: CancelToken,
-    ) -> ev.HubProbed:
-        """The cached answer for `key`, else `probe()` run once however many callers ask.
-
-        A cached refusal older than `ERROR_RETRY_S` is probed again: "gated" ends when the
-        user accepts the terms, "not found" when the repo is created or made public.
-        """
-        with self._lock:
-            hit = _fresh(self._entries.get(key))
-            if hit is not None:
-                return hit
-            flight = self._inflight.get(key)
-            owner = flight is None
-            if flight is None:
-                flight = self._inflight[key] = Future()
-        if not owner:
-            return _wait(flight, cancel)
-        try:
-            result = _fresh(self._catch_up(key))
-            if result is None:
-                result = probe()
-                self._store(result)
-        except BaseException as exc:
-            flight.set_exception(exc)
-            raise
-        else:
-            flight.set_result(result)
-            return result
-        finally:
-            with self._lock:
-                del self._inflight[key]
-
-    def _catch_up(self, key: Key | None = None) -> ev.HubProbed | None:
-        """Read records appended since we last looked; return `key`'s entry if there is one."""
-        if self._journal is None:
-            return None
-        rows = list(self._journal.read_rows(ev.HUB_PROBE_STREAM, after_version=self._version))
-        with self._lock:
-            for seq, version, _at, _type, payload in rows:
-                try:
-                    record = ev.HUB_PROBED_ADAPTER.validate_json(payload)
-                except ValidationError:  # a cache may forget; it must not break loads
-                    log.warning("ignoring unreadable hub probe record #%d", seq)
-                else:
-                    self._entries[(record.key, record.token_fingerprint)] = record
-                self._version = max(self._version, version)
-            return self._entries.get(key) if key is not None else None
-
-    def _store(self, record: ev.HubProbed) -> None:
-        with self._write_lock:
-            if self._journal is not None:
-                for _attempt in range(5):
-                    try:
-                        self._journal.append(ev.HUB_PROBE_STREAM, self._version, [record])
-                    except ConcurrencyConflict:  # another engine appended first: catch up
-                        self._catch_up()
-                        continue
-                    with self._lock:
-                        self._version += 1
-                    break
-                else:  # still served from memory; the next run probes again
-                    log.warning("hub probe of %s not persisted: journal kept moving", record.key)
-            with self._lock:
-                self._entries[(record.key, record.token_fingerprint)] = record
-
-
-def _fresh(record: ev.HubProbed | None) -> ev.HubProbed | None:
-    if record is not None and record.error is not None and time.time() - record.at > ERROR_RETRY_S:
-        return None
-    return record
-
-
-def _wait(flight: Future[ev.HubProbed], cancel: CancelToken) -> ev.HubProbed:
-    while True:
-        cancel.check()
-        try:
-            return flight.result(timeout=0.05)
-        except TimeoutError:
-            continue
 
 
 # --- huggingface_hub's progress hook ----------------------------------------------------------
@@ -370,9 +119,8 @@ class _Bar:
 
 
 class Hub:
-    def __init__(self, journal: Journal | None = None, *, clock: Callable[[], float] = time.time):
+    def __init__(self, journal: Journal | None = None) -> None:
         self.cache = ProbeCache(journal)
-        self._clock = clock
 
     def resolve(
         self,
@@ -463,7 +211,7 @@ class Hub:
     # --- probing ------------------------------------------------------------------------
 
     def _record(self, key: Key, **fields: Any) -> ev.HubProbed:
-        return ev.HubProbed(at=self._clock(), key=key[0], token_fingerprint=key[1], **fields)
+        return ev.HubProbed(at=time.time(), key=key[0], token_fingerprint=key[1], **fields)
 
     def _listed(
         self, key: Key, repo_id: str, commit: str, files: list[ev.DownloadFile]
