@@ -1,9 +1,9 @@
 """The Engine: takes the slot lock, asks the pure core what to do, runs the effect, journals it.
 
-Write-ahead: an effect's intent is journaled before the effect runs (kill_started before
-SIGTERM, spawn_started with argv and marker before Popen) and its outcome right after.
-State is only ever changed by `_emit`, which validates every event against the machine,
-appends it to the journal and only then publishes the new state.
+Which step comes next is `decide.next_step`; the effect behind each step is in engine.steps
+(write-ahead: intent journaled before the effect, outcome right after). State is only ever
+changed by `_emit`, which validates every event against the machine, appends it to the
+journal and only then publishes the new state.
 """
 
 from __future__ import annotations
@@ -14,18 +14,17 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import SecretStr
 
-from engine import admission
 from engine import events as ev
+from engine import steps
 from engine.binary import locate_server
-from engine.cmdline import build_argv
 from engine.decide import (
     Admit,
     AwaitHealth,
@@ -41,35 +40,22 @@ from engine.decide import (
     decide,
     next_step,
 )
-from engine.effects import (
-    Cancelled,
-    CancelToken,
-    DownloadProgress,
-    Effects,
-    FileProgress,
-    StepFailed,
-)
+from engine.effects import Cancelled, CancelToken, DownloadProgress, Effects, StepFailed
 from engine.evolve import evolve
-from engine.gpu import wait_for_settle
-from engine.health import await_health
 from engine.journal import Journal
 from engine.lease import LEASE_TTL_S, Lease
-from engine.process import make_marker
 from engine.replay import SNAPSHOT_EVERY, open_state
 from engine.request import LoadRequest, LoadResult, Status, hf_token_of, to_spec
-from engine.rules import InvalidRequest, effective_extra_args, same_target
+from engine.rules import InvalidRequest, same_target
 from engine.snapshot import encode as encode_snapshot
 from engine.state import SlotState
+from engine.steps import EngineError
 
 log = logging.getLogger("studio-engine")
 
 KILL_GRACE_S = 5.0
 HEALTH_TIMEOUT_S = 600.0
 MONITOR_INTERVAL_S = 0.25
-
-
-class EngineError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -386,7 +372,7 @@ class Engine:
         while self._state.pending is not None and self._state.pending.load_id == load_id:
             step = abort_step(self._state, outcome, error, self._effects.now())
             if isinstance(step, Kill):
-                self._kill(step.reason)
+                steps.kill(self, step.reason)
             else:
                 assert isinstance(step, Emit)
                 events = [
@@ -430,211 +416,19 @@ class Engine:
     def _run(self, step: Step, token: CancelToken) -> None:
         match step:
             case Resolve():
-                self._resolve(token)
+                steps.resolve(self, token)
             case Admit():
-                self._admit()
+                steps.admit(self)
             case Kill(reason=reason):
-                self._kill(reason)
+                steps.kill(self, reason)
             case Settle():
-                self._settle(token)
+                steps.settle(self, token)
             case Spawn():
-                self._spawn(token)
+                steps.spawn(self, token)
             case AwaitHealth():
-                self._await_health(token)
+                steps.await_health(self, token)
             case Emit(events=events):
                 self._emit_all(events)
-
-    def _resolve(self, token: CancelToken) -> None:
-        pending = self._state.pending
-        assert pending is not None
-        with self._state_lock:
-            flight = next((f for f in self._flights if f.load_id == pending.load_id), None)
-        model = self._effects.resolve(
-            pending.spec,
-            token,
-            hf_token=flight.hf_token if flight else None,
-            listener=_DownloadRecorder(self, pending.load_id),
-        )
-        self._emit(ev.ModelResolved(at=self._effects.now(), load_id=pending.load_id, model=model))
-
-    def _admit(self) -> None:
-        state = self._state
-        pending = state.pending
-        assert pending is not None and pending.model is not None
-        extra_args = effective_extra_args(
-            pending.spec, pending.model.source, state.extra_args, state.extra_args_source
-        )
-        need = admission.estimate(pending.model, pending.spec, extra_args)
-        budget = replace(self._effects.memory_budget(state.process), limit_bytes=self._memory_limit)
-        verdict = admission.verdict(need.need, budget, pending.spec.force)
-        self._emit(
-            ev.AdmissionChecked(
-                at=self._effects.now(),
-                load_id=pending.load_id,
-                context=need.context,
-                weights_bytes=need.weights_bytes,
-                kv_cache_bytes=need.kv_cache_bytes,
-                overhead_bytes=need.overhead_bytes,
-                need_bytes=need.need,
-                free_vram_bytes=budget.free_vram_bytes,
-                available_ram_bytes=budget.available_ram_bytes,
-                releasable_bytes=budget.releasable_bytes,
-                limit_bytes=budget.limit_bytes,
-                verdict=verdict,
-                error=admission.refusal_message(need.need, budget) if verdict != "fits" else None,
-            )
-        )
-
-    def _kill(self, reason: ev.KillReason) -> None:
-        process = self._state.process
-        assert process is not None
-        load_id = self._state.pending.load_id if self._state.pending else None
-        now = self._effects.now
-        self._emit(
-            ev.KillStarted(
-                at=now(),
-                load_id=load_id,
-                pid=process.pid,
-                create_time=process.create_time,
-                reason=reason,
-            )
-        )
-        exited = self._effects.terminate(process, self._kill_grace)
-        if exited is None:
-            self._emit(ev.KillEscalated(at=now(), load_id=load_id, pid=process.pid))
-            exited = self._effects.kill(process, self._kill_grace)
-        if exited is None:
-            raise EngineError(f"llama-server pid {process.pid} survived SIGKILL")
-        self._emit(
-            ev.ProcessExited(
-                at=now(), load_id=load_id, pid=process.pid, returncode=exited.returncode
-            )
-        )
-
-    def _settle(self, token: CancelToken) -> None:
-        state = self._state
-        assert state.pending is not None
-        load_id = state.pending.load_id
-        now, monotonic = self._effects.now, self._effects.monotonic
-        kill_age = now() - state.last_kill_at if state.last_kill_at is not None else None
-        if state.state != "settling":
-            self._emit(ev.SettleStarted(at=now(), load_id=load_id, kill_age_s=kill_age))
-        token.check()
-        since_kill = monotonic() - kill_age if kill_age is not None else 0.0
-
-        def sampled(sample: list[tuple[int, int]]) -> None:
-            self._emit(ev.VramSampled(at=now(), load_id=load_id, free_mib=tuple(sample)))
-
-        outcome = wait_for_settle(
-            self._effects.probe_vram,
-            since_kill,
-            max_wait=self._settle_max_wait,
-            clock=monotonic,
-            sleep=token.sleep,
-            on_sample=sampled,
-            gpus_present=self._effects.has_gpu() if kill_age is not None else None,
-        )
-        self._emit(
-            ev.Settled(
-                at=now(),
-                load_id=load_id,
-                outcome=outcome.kind,
-                waited_s=round(outcome.waited_s, 6),
-                samples=len(outcome.samples),
-            )
-        )
-
-    def _spawn(self, token: CancelToken) -> None:
-        state = self._state
-        pending = state.pending
-        assert pending is not None and pending.model is not None
-        effects = self._effects
-        extra_args = effective_extra_args(
-            pending.spec, pending.model.source, state.extra_args, state.extra_args_source
-        )
-        port = effects.free_port()
-        template = pending.spec.chat_template_override
-        argv = build_argv(
-            effects.binary,
-            pending.model,
-            pending.spec,
-            extra_args,
-            port=port,
-            threads=self._threads,
-            template_file=effects.template_file(template) if template is not None else None,
-        )
-        marker = make_marker(self.journal_id, self.slot, pending.load_id)
-        log_path = effects.log_path(pending.load_id)
-        token.check()
-        self._emit(
-            ev.SpawnStarted(
-                at=effects.now(),
-                load_id=pending.load_id,
-                argv=argv,
-                port=port,
-                marker=marker,
-                log_path=log_path,
-                extra_args=extra_args,
-                extra_args_source=pending.model.source,
-            )
-        )
-        pid, create_time = effects.spawn(argv, marker, log_path)
-        self._emit(
-            ev.Spawned(at=effects.now(), load_id=pending.load_id, pid=pid, create_time=create_time)
-        )
-
-    def _await_health(self, token: CancelToken) -> None:
-        state = self._state
-        process, pending = state.process, state.pending
-        assert process is not None and pending is not None
-        effects = self._effects
-        start = effects.monotonic()
-        try:
-            exited = await_health(
-                lambda: effects.health(process.port),
-                lambda: effects.exit_status(process),
-                token,
-                self._health_timeout,
-                effects.monotonic,
-            )
-        except TimeoutError as exc:
-            tail = effects.log_tail(process.log_path)
-            self._emit(
-                ev.HealthFailed(
-                    at=effects.now(), load_id=pending.load_id, error=str(exc), log_tail=tail
-                )
-            )
-            raise StepFailed(str(exc), tail) from exc
-        if exited is None:
-            self._emit(
-                ev.HealthPassed(
-                    at=effects.now(),
-                    load_id=pending.load_id,
-                    waited_s=round(effects.monotonic() - start, 6),
-                )
-            )
-            return
-        tail = effects.log_tail(process.log_path)
-        error = f"llama-server exited with code {exited.returncode} before it was healthy"
-        reported = server_error(tail)
-        if reported:
-            error += f": {reported}"
-        self._emit(
-            ev.HealthFailed(
-                at=effects.now(),
-                load_id=pending.load_id,
-                error=error,
-                returncode=exited.returncode,
-                log_tail=tail,
-            ),
-            ev.ProcessExited(
-                at=effects.now(),
-                load_id=pending.load_id,
-                pid=process.pid,
-                returncode=exited.returncode,
-            ),
-        )
-        raise StepFailed(error, tail)
 
     # --- crash monitor -----------------------------------------------------------------------
 
@@ -683,63 +477,6 @@ class Engine:
 
         with self._serial:
             recover(self)
-
-
-class _DownloadRecorder:
-    """A load's DownloadListener: journals the start and each finished file (never a chunk),
-    and keeps per-chunk byte counts in memory for `Engine.progress()`."""
-
-    def __init__(self, engine: Engine, load_id: str) -> None:
-        self._engine, self._load_id = engine, load_id
-
-    def started(self, repo_id: str, revision: str, files: Sequence[tuple[str, int]]) -> None:
-        engine = self._engine
-        engine._download = DownloadProgress(
-            self._load_id, repo_id, tuple(FileProgress(p, 0, size) for p, size in files)
-        )
-        engine._emit(
-            ev.DownloadStarted(
-                at=engine._effects.now(),
-                load_id=self._load_id,
-                repo_id=repo_id,
-                revision=revision,
-                files=tuple(ev.DownloadFile(path=p, size_bytes=size) for p, size in files),
-                total_bytes=sum(size for _, size in files),
-            )
-        )
-
-    def advanced(self, path: str, done: int, total: int) -> None:
-        download = self._engine._download
-        if download is None or download.load_id != self._load_id:
-            return
-        files = tuple(
-            FileProgress(path, done, total or f.total) if f.path == path else f
-            for f in download.files
-        )
-        # One reference swap: readers on other threads see the old or the new snapshot.
-        self._engine._download = replace(download, files=files)
-
-    def finished(self, path: str, size: int, seconds: float) -> None:
-        self.advanced(path, size, size)
-        engine = self._engine
-        engine._emit(
-            ev.FileDownloaded(
-                at=engine._effects.now(),
-                load_id=self._load_id,
-                path=path,
-                size_bytes=size,
-                seconds=round(seconds, 6),
-            )
-        )
-
-
-def server_error(log_tail: str) -> str | None:
-    """The server's own last error line, for the user-facing message."""
-    for line in reversed(log_tail.splitlines()):
-        text = line.strip()
-        if "error" in text.lower() or "failed" in text.lower():
-            return text[-300:]
-    return None
 
 
 def _fields(result: LoadResult) -> dict[str, Any]:

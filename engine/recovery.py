@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from engine import events as ev
+from engine import steps
 from engine.effects import Cancelled, CancelToken
 from engine.health import await_health
 from engine.process import CREATE_TIME_SLACK
@@ -88,7 +89,7 @@ def recover(engine: Engine) -> None:
             return
         unhealthy = adoptable
         if process.pid:
-            engine._kill("recovery")
+            steps.kill(engine, "recovery")
         else:
             _kill_untracked(engine, pid, create_time, marker)
 
@@ -132,7 +133,5 @@ def _kill_untracked(engine: Engine, pid: int, create_time: float, marker: str) -
     victim = ServerProcess(pid, create_time, 0, "", marker, "")
     grace = engine._kill_grace
     if fx.terminate(victim, grace) is None and fx.kill(victim, grace) is None:
-        from engine.orchestrator import EngineError
-
-        raise EngineError(f"orphan llama-server pid {pid} survived SIGKILL")
+        raise steps.EngineError(f"orphan llama-server pid {pid} survived SIGKILL")
     engine._emit(ev.OrphanKilled(at=fx.now(), pid=pid, create_time=create_time, marker=marker))

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from engine import EngineError
 from engine.journal import Journal, leases_table
 from engine.lease import Lease, SlotBusy, db_now, this_process
-from engine.orchestrator import Engine, EngineError
+from engine.orchestrator import Engine
 from engine.request import LoadRequest
 from tests.fakes import FakeEffects
 
