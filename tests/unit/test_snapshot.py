@@ -210,5 +210,5 @@ def test_decode_names_the_problem() -> None:
     with pytest.raises(SnapshotError, match="state format"):
         decode('{"format": "x", "state": {}}')
     text = encode(SlotState()).replace('"version":0', '"version":"0"')
-    with pytest.raises(SnapshotError, match=r"state.version: expected int"):
+    with pytest.raises(SnapshotError, match=r"state\.version: Input should be a valid integer"):
         decode(text)
