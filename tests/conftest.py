@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from engine.journal import Journal
 from engine.orchestrator import Engine
@@ -59,3 +60,11 @@ def rows(journal_path: Path, slot: str = "default") -> list[tuple[int, int, floa
         return list(journal.read_rows(slot))
     finally:
         journal.close()
+
+
+def run_sql(journal_path: Path, statement: str) -> None:
+    """Change a SQLite journal behind the engine's back, as a hand edit or a bug would."""
+    engine = sa.create_engine(f"sqlite:///{journal_path}")
+    with engine.begin() as conn:
+        conn.execute(sa.text(statement))
+    engine.dispose()

@@ -110,17 +110,9 @@ def when(engine: Engine, event_type: str, action: Callable[[], None]) -> None:
     engine.observe(observer)
 
 
-def start_load_and_wait(engine: Engine, model: Path, accepted: Callable[[], bool]) -> Runner:
-    """Start a concurrent load and return once `accepted()` says the engine has taken it."""
-    runner = Runner(lambda: load(engine, model))
-    for _ in range(500):
-        if accepted():
-            return runner
-        threading.Event().wait(0.01)
-    raise AssertionError("the concurrent load was never accepted")
-
-
 class Runner:
+    """A load on its own thread."""
+
     def __init__(self, fn: Callable[[], LoadResult]) -> None:
         self.results: list[LoadResult] = []
         self.thread = threading.Thread(target=lambda: self.results.append(fn()))
@@ -132,19 +124,31 @@ class Runner:
         return self.results[0]
 
 
+def load_when_spawned(engine: Engine, model: Path, accepted: Callable[[], bool]) -> list[Runner]:
+    """When the first load's server is spawned (mid-load), start a second load of `model` and
+    hold the first until `accepted()` says the engine has taken the second one."""
+    runners: list[Runner] = []
+
+    def start() -> None:
+        runners.append(Runner(lambda: load(engine, model)))
+        for _ in range(500):
+            if accepted():
+                return
+            threading.Event().wait(0.01)
+        raise AssertionError("the concurrent load was never accepted")
+
+    when(engine, "spawned", start)
+    return runners
+
+
+def two_loads_queued(engine: Engine) -> Callable[[], bool]:
+    return lambda: engine.status().queued_loads == 2
+
+
 def test_latest_load_wins_and_the_first_is_cancelled(
     real_engine: Engine, tiny_model: Path, other_model: Path
 ) -> None:
-    runners: list[Runner] = []
-    when(
-        real_engine,
-        "spawned",
-        lambda: runners.append(
-            start_load_and_wait(
-                real_engine, other_model, lambda: real_engine.status().queued_loads == 2
-            )
-        ),
-    )
+    runners = load_when_spawned(real_engine, other_model, two_loads_queued(real_engine))
     first = load(real_engine, tiny_model)
     second = runners[0].result()
     assert first.status == "cancelled" and "superseded" in (first.error or "")
@@ -158,12 +162,7 @@ def test_latest_load_wins_and_the_first_is_cancelled(
 def test_identical_loads_join_one_spawn(real_engine: Engine, tiny_model: Path) -> None:
     joined = threading.Event()
     real_engine.observe(lambda e, s: joined.set() if e.type == "load_joined" else None)
-    runners: list[Runner] = []
-    when(
-        real_engine,
-        "spawned",
-        lambda: runners.append(start_load_and_wait(real_engine, tiny_model, joined.is_set)),
-    )
+    runners = load_when_spawned(real_engine, tiny_model, joined.is_set)
     first = load(real_engine, tiny_model)
     second = runners[0].result()
     assert first.status == "loaded" and second.status == "loaded" and second.joined
@@ -175,16 +174,7 @@ def test_an_equivalent_load_queued_behind_returns_already_loaded(
     real_engine: Engine, tiny_model: Path
 ) -> None:
     # Not an identical request (None vs 0 context) but the same target: it must not cancel.
-    runners: list[Runner] = []
-    when(
-        real_engine,
-        "spawned",
-        lambda: runners.append(
-            start_load_and_wait(
-                real_engine, tiny_model, lambda: real_engine.status().queued_loads == 2
-            )
-        ),
-    )
+    runners = load_when_spawned(real_engine, tiny_model, two_loads_queued(real_engine))
     first = load(real_engine, tiny_model, max_seq_length=0)
     second = runners[0].result()
     assert first.status == "loaded"

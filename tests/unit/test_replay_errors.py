@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from engine import events as ev
 from engine.cli import main
 from engine.journal import CorruptJournal, Journal, SchemaTooNew
 from engine.replay import replay
+from tests.conftest import run_sql
 
 SPEC = ev.LoadSpec(model="/models/a.gguf")
 
@@ -20,13 +20,6 @@ def _write(path: Path, *events: ev.BaseEvent) -> None:
     journal = Journal.open(path)
     journal.append("default", 0, events)
     journal.close()
-
-
-def _corrupt(path: Path, sql: str) -> None:
-    engine = sa.create_engine(f"sqlite:///{path}")
-    with engine.begin() as conn:
-        conn.execute(sa.text(sql))
-    engine.dispose()
 
 
 def test_illegal_event_names_its_sequence_number(journal_path: Path) -> None:
@@ -42,7 +35,7 @@ def test_illegal_event_names_its_sequence_number(journal_path: Path) -> None:
 
 def test_garbage_payload_names_its_sequence_number(journal_path: Path) -> None:
     _write(journal_path, ev.LoadRequested(at=1.0, load_id="a", spec=SPEC))
-    _corrupt(journal_path, 'UPDATE events SET payload = \'{"type": "load_req\' WHERE seq = 1')
+    run_sql(journal_path, 'UPDATE events SET payload = \'{"type": "load_req\' WHERE seq = 1')
     with pytest.raises(CorruptJournal, match=r"#1: unreadable 'load_requested' payload"):
         replay(journal_path)
 
@@ -50,7 +43,7 @@ def test_garbage_payload_names_its_sequence_number(journal_path: Path) -> None:
 def test_truncated_payload_missing_field(journal_path: Path) -> None:
     _write(journal_path, ev.LoadRequested(at=1.0, load_id="a", spec=SPEC))
     payload = json.dumps({"type": "load_requested", "at": 1.0})
-    _corrupt(journal_path, f"UPDATE events SET payload = '{payload}' WHERE seq = 1")
+    run_sql(journal_path, f"UPDATE events SET payload = '{payload}' WHERE seq = 1")
     with pytest.raises(CorruptJournal, match=r"#1: unreadable 'load_requested' payload \(spec"):
         replay(journal_path)
 
@@ -66,14 +59,14 @@ def test_event_from_a_future_schema(journal_path: Path) -> None:
             "new_field": 1,
         }
     )
-    _corrupt(journal_path, f"UPDATE events SET payload = '{payload}' WHERE seq = 1")
+    run_sql(journal_path, f"UPDATE events SET payload = '{payload}' WHERE seq = 1")
     with pytest.raises(CorruptJournal, match=r"#1: written with event schema v9, newer"):
         replay(journal_path)
 
 
 def test_journal_from_a_newer_schema_revision_is_refused(journal_path: Path) -> None:
     Journal.open(journal_path).close()
-    _corrupt(journal_path, "UPDATE alembic_version SET version_num = '9999'")
+    run_sql(journal_path, "UPDATE alembic_version SET version_num = '9999'")
     with pytest.raises(SchemaTooNew, match="'9999', newer than this engine"):
         Journal.open(journal_path)
 
@@ -84,7 +77,7 @@ def test_missing_events_are_reported(journal_path: Path) -> None:
         ev.LoadRequested(at=1.0, load_id="a", spec=SPEC),
         ev.LoadCancelled(at=2.0, load_id="a", reason="x"),
     )
-    _corrupt(journal_path, "DELETE FROM events WHERE seq = 1")
+    run_sql(journal_path, "DELETE FROM events WHERE seq = 1")
     with pytest.raises(CorruptJournal, match=r"#2: version 2 follows 0: events missing"):
         replay(journal_path)
 

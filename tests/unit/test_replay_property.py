@@ -7,36 +7,21 @@ import tempfile
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from engine.orchestrator import Engine
 from engine.replay import replay_state
-from engine.request import LoadRequest
 from engine.state import SlotState
 from tests.conftest import rows
 from tests.fakes import FakeEffects
-
-MODELS = ("a.gguf", "b.gguf", "broken.gguf", "crashy.gguf")
-
-load = st.tuples(
-    st.just("load"),
-    st.sampled_from(MODELS),
-    st.sampled_from([None, 0, 512]),
-    st.sampled_from([None, [], ["--top-k", "20"], ["-c", "4096", "--seed", "1"]]),
-)
-commands = st.lists(
-    st.one_of(load, st.just(("unload",)), st.just(("crash",)), st.just(("cancel",))),
-    max_size=12,
-)
+from tests.workload import Command, apply, commands, write_models
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(commands)
-def test_replay_of_every_prefix_equals_the_live_state(script: list[tuple]) -> None:
+@given(commands("cancel", max_size=12))
+def test_replay_of_every_prefix_equals_the_live_state(script: list[Command]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for name in MODELS:
-            (folder / name).write_bytes(b"GGUF")
+        write_models(folder)
         effects = FakeEffects()
         journal_path = folder / "journal.db"
         engine = Engine.open(journal_path, effects=effects, monitor=False, synchronous="OFF")
@@ -44,23 +29,7 @@ def test_replay_of_every_prefix_equals_the_live_state(script: list[tuple]) -> No
         engine.observe(lambda _event, state: live.append(state))
         try:
             for command in script:
-                match command:
-                    case ("load", model, ctx, extras):
-                        engine.load(
-                            LoadRequest(
-                                model_path=str(folder / model),
-                                max_seq_length=ctx,
-                                llama_extra_args=extras,
-                            )
-                        )
-                    case ("unload",):
-                        engine.unload()
-                    case ("cancel",):
-                        engine.cancel()
-                    case ("crash",):
-                        if engine.state.process is not None:
-                            effects.die(engine.state.process.pid)
-                            engine.check_crashed()
+                assert apply(engine, effects, folder, command)
         finally:
             engine.close()
         final = engine.state

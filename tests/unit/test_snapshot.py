@@ -9,39 +9,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from engine.journal import Journal
 from engine.machine import STATES, TRANSITION_TABLE
 from engine.orchestrator import Engine
 from engine.replay import open_state, replay_state
-from engine.request import LoadRequest
 from engine.snapshot import STATE_FORMAT, SnapshotError, decode, encode
 from engine.state import SlotState
-from tests.conftest import rows
+from tests.conftest import rows, run_sql
 from tests.fakes import FakeEffects
-
-MODELS = ("a.gguf", "b.gguf", "broken.gguf", "crashy.gguf")
-
-load = st.tuples(
-    st.just("load"),
-    st.sampled_from(MODELS),
-    st.sampled_from([None, 0, 512]),
-    st.sampled_from([None, [], ["--top-k", "20"], ["-c", "4096", "--seed", "1"]]),
-    st.sampled_from([None, "q8_0"]),
-    st.sampled_from([None, "{{ messages }}"]),
-)
-commands = st.lists(
-    st.one_of(load, st.just(("unload",)), st.just(("crash",)), st.just(("reopen",))),
-    max_size=10,
-)
+from tests.workload import Command, apply, commands, write_models
 
 
-def _run(folder: Path, script: list[tuple[object, ...]], every: int) -> tuple[Path, SlotState]:
-    for name in MODELS:
-        (folder / name).write_bytes(b"GGUF")
+def _run(folder: Path, script: list[Command], every: int) -> tuple[Path, SlotState]:
+    write_models(folder)
     effects = FakeEffects()
     path = folder / "journal.db"
 
@@ -53,39 +35,25 @@ def _run(folder: Path, script: list[tuple[object, ...]], every: int) -> tuple[Pa
     engine = open_engine()
     try:
         for command in script:
-            match command:
-                case ("load", model, ctx, extras, cache, template):
-                    engine.load(
-                        LoadRequest(
-                            model_path=str(folder / str(model)),
-                            max_seq_length=ctx,  # type: ignore[arg-type]
-                            llama_extra_args=extras,  # type: ignore[arg-type]
-                            cache_type_kv=cache,  # type: ignore[arg-type]
-                            chat_template_override=template,  # type: ignore[arg-type]
-                        )
-                    )
-                case ("unload",):
-                    engine.unload()
-                case ("crash",):
-                    if engine.state.process is not None:
-                        effects.die(engine.state.process.pid)
-                        engine.check_crashed()
-                case ("reopen",):  # an open starts from a snapshot: same state as from zero
-                    engine.close(keep_server=True)
-                    journal = Journal.open(path, create=False)
-                    try:
-                        assert open_state(journal, "default", every) == replay_state(rows(path))
-                    finally:
-                        journal.close()
-                    engine = open_engine()  # (recovery: the fakes report no live server)
+            if apply(engine, effects, folder, command):
+                continue
+            assert command == ("reopen",), command
+            # An open starts from a snapshot: the same state as a replay from zero.
+            engine.close(keep_server=True)
+            journal = Journal.open(path, create=False)
+            try:
+                assert open_state(journal, "default", every) == replay_state(rows(path))
+            finally:
+                journal.close()
+            engine = open_engine()  # (recovery: the fakes report no live server)
     finally:
         engine.close()
     return path, engine.state
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(commands)
-def test_replay_from_any_snapshot_equals_replay_from_zero(script: list[tuple[object, ...]]) -> None:
+@given(commands("reopen", max_size=10))
+def test_replay_from_any_snapshot_equals_replay_from_zero(script: list[Command]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path, final = _run(Path(tmp), script, every=3)
         recorded = rows(path)
@@ -128,13 +96,6 @@ def _open_state(path: Path, every: int = 5) -> SlotState:
         journal.close()
 
 
-def _sql(path: Path, statement: str) -> None:
-    engine = sa.create_engine(f"sqlite:///{path}")
-    with engine.begin() as conn:
-        conn.execute(sa.text(statement))
-    engine.dispose()
-
-
 def test_snapshots_are_written_every_n_events_and_pruned(tmp_path: Path) -> None:
     path, final = _engine_journal(tmp_path)
     journal = Journal.open(path, create=False)
@@ -161,7 +122,7 @@ def test_a_corrupt_snapshot_falls_back_to_full_replay_with_a_warning(
     tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     path, final = _engine_journal(tmp_path)
-    _sql(path, damage)
+    run_sql(path, damage)
     with caplog.at_level(logging.WARNING, logger="studio-engine"):
         assert _open_state(path) == final
     assert "snapshot" in caplog.text
@@ -171,7 +132,7 @@ def test_a_missing_snapshot_replays_in_full_warns_and_stores_one(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path, final = _engine_journal(tmp_path)
-    _sql(path, "DELETE FROM snapshots")
+    run_sql(path, "DELETE FROM snapshots")
     with caplog.at_level(logging.WARNING, logger="studio-engine"):
         assert _open_state(path) == final
     assert "no usable snapshot" in caplog.text
@@ -190,7 +151,7 @@ def test_a_snapshot_of_a_wrong_state_is_caught_by_the_tail(
     journal = Journal.open(path, create=False)
     try:
         (newest, *_), (older, _, _, text) = journal.snapshots("default")
-        _sql(path, f"DELETE FROM snapshots WHERE version = {newest}")
+        run_sql(path, f"DELETE FROM snapshots WHERE version = {newest}")
         true_state = decode(text)
         next_type = recorded[older][3]  # the event right after the snapshot
         lie = next(s for s in STATES if (s, next_type) not in TRANSITION_TABLE)
