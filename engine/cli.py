@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -15,7 +16,7 @@ from engine.journal import Journal, JournalError
 from engine.replay import Step, Until, bounds, replay_steps
 from engine.snapshot import SnapshotError
 from engine.snapshot import decode as decode_snapshot
-from engine.timeline import clock, delta, key_fields
+from engine.timeline import row
 
 
 def _until(text: str | None) -> Until:
@@ -68,10 +69,7 @@ def print_timeline(journal: str, slot: str, until: Until) -> None:
     print("-" * len(header))
     previous = None
     for step in steps:
-        print(
-            f"{step.seq:>6}  {clock(step.at):23}  {delta(step.at, previous):>9}  "
-            f"{step.event.type:22} {step.state.state:12} {key_fields(step.event)}"
-        )
+        print(row(step.seq, step.at, previous, step.event, step.state.state))
         previous = step.at
     final = steps[-1].state.state if steps else "idle"
     print(f"\n{len(steps)} events; slot {slot!r} is {final!r}")
@@ -281,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `studio-engine replay J | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -191,9 +191,12 @@ class _Analysis:
         if error is not None:
             load.error = error
         for phase in PHASES:  # a phase cut short by the end of the load still counts
-            start = self.opened.pop((load.load_id, phase), None)
-            if start is not None:
-                load.phases[phase] = load.phases.get(phase, 0.0) + at - start
+            self._close(load, phase, at)
+
+    def _close(self, load: LoadReport, phase: str, at: float) -> None:
+        start = self.opened.pop((load.load_id, phase), None)
+        if start is not None:
+            load.phases[phase] = load.phases.get(phase, 0.0) + at - start
 
     def step(self, seq: int, before: SlotState, event: ev.Event, after: SlotState) -> None:
         at = event.at
@@ -212,9 +215,7 @@ class _Analysis:
         load = self.loads.get(load_id)
         closes = _CLOSES.get(event.type)
         if closes is not None and load is not None:
-            start = self.opened.pop((load_id, closes), None)
-            if start is not None:
-                load.phases[closes] = load.phases.get(closes, 0.0) + at - start
+            self._close(load, closes, at)
         opens = _OPENS.get(event.type)
         if opens is not None:
             self.opened[(load_id, opens)] = at
@@ -446,7 +447,7 @@ def _args(args: list[str] | None, inherit: str = "inherit") -> str:
 
 def render(report: Report, journal: str, tail_lines: int = 10) -> str:
     """The human-readable postmortem (the `--json` form is `Report.to_json`)."""
-    from engine.timeline import clock, delta, key_fields
+    from engine.timeline import clock, row
 
     out = [
         f"postmortem of slot {report.slot!r} in {journal}: {report.events} events, "
@@ -496,10 +497,7 @@ def render(report: Report, journal: str, tail_lines: int = 10) -> str:
         out.append(f"  #{anomaly.seq} {clock(anomaly.at)} {flag}{anomaly.kind}: {anomaly.message}")
     out += ["", "TIMELINE"]
     previous = None
-    for row in report.timeline:
-        out.append(
-            f"  {row.seq:>6}  {clock(row.at):23}  {delta(row.at, previous):>9}  "
-            f"{row.type:22} {row.state:12} {key_fields(row.event)}"
-        )
-        previous = row.at
+    for line in report.timeline:
+        out.append("  " + row(line.seq, line.at, previous, line.event, line.state))
+        previous = line.at
     return "\n".join(out) + "\n"

@@ -34,3 +34,11 @@ def clock(at: float) -> str:
 
 def delta(at: float, previous: float | None) -> str:
     return "" if previous is None else f"+{at - previous:.3f}s"
+
+
+def row(seq: int, at: float, previous: float | None, event: Event, state: str) -> str:
+    """One timeline line: seq, time, time since the previous event, event, state after, facts."""
+    return (
+        f"{seq:>6}  {clock(at):23}  {delta(at, previous):>9}  "
+        f"{event.type:22} {state:12} {key_fields(event)}"
+    )

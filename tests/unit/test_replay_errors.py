@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +110,20 @@ def test_replay_api_refuses_a_missing_journal(tmp_path: Path) -> None:
     with pytest.raises(JournalError, match="no journal at"):
         replay(missing)
     assert not missing.exists()
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly(journal_path: Path) -> None:
+    # `studio-engine replay J | head -1`: the reader is gone before the output is written.
+    _write(journal_path, ev.LoadRequested(at=1.0, load_id="a", spec=SPEC))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "engine", "replay", str(journal_path)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, b"")
