@@ -45,7 +45,7 @@ from engine.evolve import evolve
 from engine.journal import Journal
 from engine.lease import LEASE_TTL_S, Lease
 from engine.replay import SNAPSHOT_EVERY, open_state
-from engine.request import LoadRequest, LoadResult, Status, hf_token_of, to_spec
+from engine.request import LoadRequest, LoadResult, Status, as_request, to_spec
 from engine.rules import InvalidRequest, same_target
 from engine.snapshot import encode as encode_snapshot
 from engine.state import SlotState
@@ -279,6 +279,7 @@ class Engine:
     def load(self, request: LoadRequest | dict[str, Any]) -> LoadResult:
         """Load (or reload) the slot's model. Serial per slot; the latest different load wins,
         an identical one joins the load in flight."""
+        request = as_request(request)
         spec = to_spec(request)  # InvalidRequest before anything is journaled
         with self._state_lock:
             joined = next(
@@ -289,7 +290,7 @@ class Engine:
                 for earlier in self._flights:
                     if not same_target(earlier.spec, spec):  # an equivalent one is kept:
                         earlier.token.cancel("superseded by a newer load")  # we short-circuit
-                flight = _Flight(_new_load_id(), spec, hf_token=hf_token_of(request))
+                flight = _Flight(_new_load_id(), spec, hf_token=request.hf_token)
                 self._flights.append(flight)
         if joined is not None:
             return self._join(joined)

@@ -54,15 +54,21 @@ def _is_local(model_path: str) -> bool:
     )
 
 
+def as_request(request: LoadRequest | dict[str, Any]) -> LoadRequest:
+    """A dict becomes a LoadRequest; a refusal names the field it is about."""
+    if isinstance(request, LoadRequest):
+        return request
+    try:
+        return LoadRequest(**request)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequest(f"{field}: {first['msg']}") from None
+
+
 def to_spec(request: LoadRequest | dict[str, Any]) -> LoadSpec:
     """Validate and normalise; every refusal names the field or flag it is about."""
-    if isinstance(request, dict):
-        try:
-            request = LoadRequest(**request)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            raise InvalidRequest(f"{field}: {first['msg']}") from None
+    request = as_request(request)
     for field in ("model_path", "gguf_variant", "cache_type_kv", "speculative_type"):
         value = getattr(request, field)
         if value is not None:
@@ -120,14 +126,6 @@ def to_spec(request: LoadRequest | dict[str, Any]) -> LoadSpec:
         token_fingerprint=token_fingerprint(token),
         force=request.force,
     )
-
-
-def hf_token_of(request: LoadRequest | dict[str, Any]) -> SecretStr | None:
-    """The request's hub token, still wrapped: it stays in memory for the load, never journaled."""
-    value = request.hf_token if isinstance(request, LoadRequest) else request.get("hf_token")
-    if value is None or isinstance(value, SecretStr):
-        return value
-    return SecretStr(str(value))
 
 
 def token_fingerprint(token: str | None) -> str | None:
