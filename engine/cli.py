@@ -16,6 +16,7 @@ from engine.journal import Journal, JournalError
 from engine.replay import Step, Until, bounds, replay_steps
 from engine.snapshot import SnapshotError
 from engine.snapshot import decode as decode_snapshot
+from engine.state import SlotState
 from engine.timeline import row
 
 
@@ -130,14 +131,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _checked_records(
     journal: Journal, stream: str, snapshots: dict[int, str], problems: list[str]
-) -> Iterator[tuple[int, Event]]:
-    """The stream's (seq, event); each snapshot met on the way is compared with the replay
-    (and removed from `snapshots`)."""
+) -> Iterator[tuple[int, Event, SlotState]]:
+    """The stream's (seq, event, state after); each snapshot met on the way is compared with
+    the replay (and removed from `snapshots`)."""
     for step in replay_steps(journal.read_rows(stream)):
         text = snapshots.pop(step.state.version, None)
         if text is not None:
             _check_snapshot(stream, step, text, problems)
-        yield step.seq, step.event
+        yield step.seq, step.event, step.state
 
 
 def _check_snapshot(stream: str, step: Step, text: str, problems: list[str]) -> None:
@@ -177,7 +178,7 @@ def cmd_postmortem(args: argparse.Namespace) -> int:
     since, until = _window(args.since), _window(args.until)
     steps = _steps(args.journal, args.slot, None)
     report = analyse(
-        ((step.seq, step.event) for step in steps),
+        ((step.seq, step.event, step.state) for step in steps),
         args.slot,
         health_wait_s=args.health_wait,
         since=since,

@@ -1,11 +1,12 @@
-"""Postmortem analysis of a slot's events (pure: decoded events in, a report out).
+"""Postmortem analysis of a slot's events (pure: replayed steps in, a report out).
 
-`analyse` refolds the events through `evolve` (so an illegal journal still raises) and
-collects what a developer asks first after an incident: every load with its per-phase
-durations, settings and extra args; every failed, cancelled, interrupted or crashed load with
-its error and log tail; recoveries; and anomalies. Two anomaly kinds break the contract and
-make `studio-engine verify` fail: two live processes for one slot, and a spawn before the
-previous process was confirmed dead (or a process forgotten while still alive).
+`analyse` reads replayed steps (each event with the state it led to, as `replay_steps`
+yields them; it does not fold again) and collects what a developer asks first after an
+incident: every load with its per-phase durations, settings and extra args; every failed,
+cancelled, interrupted or crashed load with its error and log tail; recoveries; and
+anomalies. Two anomaly kinds break the contract and make `studio-engine verify` fail: two
+live processes for one slot, and a spawn before the previous process was confirmed dead (or
+a process forgotten while still alive).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from engine import events as ev
-from engine.evolve import evolve
 from engine.state import SlotState
 
 HEALTH_WAIT_THRESHOLD_S: Final = 60.0
@@ -393,18 +393,17 @@ class _Analysis:
 
 
 def analyse(
-    records: Iterable[tuple[int, ev.Event]],
+    records: Iterable[tuple[int, ev.Event, SlotState]],
     slot: str = "default",
     *,
     health_wait_s: float = HEALTH_WAIT_THRESHOLD_S,
     since: float | int | None = None,
     until: float | int | None = None,
 ) -> Report:
-    """The report for `records` ((seq, event) in stream order, from the first event).
+    """The report for `records`: (seq, event, state after it) in stream order, from the first.
 
     `since`/`until` (an int = sequence number, a float = epoch seconds) bound what the report
-    lists; the state is still folded from the first event, so it is right at the window's
-    start. Raises `IllegalTransition` for an event the machine does not allow.
+    lists; the states still come from the first event, so they are right at the window's start.
     """
 
     def keep(seq: int, at: float) -> bool:
@@ -418,8 +417,7 @@ def analyse(
 
     analysis = _Analysis(slot, health_wait_s, keep)
     state = SlotState()
-    for seq, event in records:
-        after = evolve(state, event, seq)
+    for seq, event, after in records:
         analysis.step(seq, state, event, after)
         if keep(seq, event.at):
             analysis.report.timeline.append(Row(seq, event.at, event.type, after.state, event))

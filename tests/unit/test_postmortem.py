@@ -9,10 +9,12 @@ import pytest
 
 from engine import events as ev
 from engine.cli import main
+from engine.evolve import evolve
 from engine.journal import Journal
 from engine.orchestrator import Engine
 from engine.postmortem import analyse
 from engine.request import LoadRequest
+from engine.state import SlotState
 from tests.fakes import FakeEffects
 
 SPEC = ev.LoadSpec(model="/m/a.gguf", max_seq_length=4096, extra_args=("--top-k", "20"))
@@ -50,8 +52,13 @@ def _write(path: Path, events: list[ev.BaseEvent]) -> None:
         journal.close()
 
 
-def _records(events: list[ev.BaseEvent]) -> list[tuple[int, ev.Event]]:
-    return [(seq, e) for seq, e in enumerate(events, start=1)]  # type: ignore[misc]
+def _records(events: list[ev.BaseEvent]) -> list[tuple[int, ev.Event, SlotState]]:
+    """What replay_steps yields: each event with the state it led to."""
+    records, state = [], SlotState()
+    for seq, event in enumerate(events, start=1):
+        state = evolve(state, event, seq)  # type: ignore[arg-type]
+        records.append((seq, event, state))
+    return records  # type: ignore[return-value]
 
 
 def test_phases_settings_and_extra_args_of_each_load() -> None:
