@@ -35,7 +35,8 @@ class ProbeCache:
     """Definitive probe answers, persisted in the journal's `@hub-probes` stream.
 
     The in-memory map is a read-through view of that stream: a miss first catches up with
-    rows other engines (or an earlier run) appended, then probes once for all callers.
+    rows other engines (or an earlier run) appended, then probes once for all callers. Nothing
+    is read until a hub model is asked for, so opening an engine costs no read here.
     """
 
     def __init__(self, journal: Journal | None) -> None:
@@ -45,11 +46,12 @@ class ProbeCache:
         self._lock = threading.Lock()  # guards the maps; never held during I/O
         self._write_lock = threading.Lock()  # our own appends, one at a time
         self._inflight: dict[Key, Future[ev.HubProbed]] = {}
-        self._catch_up()
 
     def cached(self, key: Key) -> ev.HubProbed | None:
+        """The recorded answer for `key`, if any (never probes)."""
         with self._lock:
-            return self._entries.get(key)
+            hit = self._entries.get(key)
+        return hit if hit is not None else self._catch_up(key)
 
     def forget(self, key: Key) -> None:
         with self._lock:
