@@ -184,30 +184,28 @@ class NvmlProbe:
     def __call__(self) -> Sample:
         import pynvml
 
-        with self._lock:
-            if self._handles is None:
-                self._handles = self._init()
-            handles = self._handles
+        handles = self._visible()
         return [
             (index, int(pynvml.nvmlDeviceGetMemoryInfo(handle).free) // (1024 * 1024))
             for index, handle in handles
         ]
 
-    def gpu_count(self) -> int:
-        """GPUs visible to this process (0 on a CPU-only host); initialises NVML once."""
+    def _visible(self) -> list[tuple[int, Any]]:
+        """(index, handle) of the visible GPUs; NVML is initialised on the first call only."""
         with self._lock:
             if self._handles is None:
                 self._handles = self._init()
-            return len(self._handles)
+            return self._handles
+
+    def gpu_count(self) -> int:
+        """GPUs visible to this process (0 on a CPU-only host)."""
+        return len(self._visible())
 
     def used_by(self, pid: int) -> int:
         """Bytes of VRAM NVML attributes to `pid` on the visible GPUs (0 when unknown)."""
         import pynvml
 
-        with self._lock:
-            if self._handles is None:
-                self._handles = self._init()
-            handles = self._handles
+        handles = self._visible()
         used = 0
         for _, handle in handles:
             try:
