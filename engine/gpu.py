@@ -184,13 +184,13 @@ class NvmlProbe:
     def __call__(self) -> Sample:
         import pynvml
 
-        handles = self._visible()
+        handles = self._visible_gpus()
         return [
             (index, int(pynvml.nvmlDeviceGetMemoryInfo(handle).free) // (1024 * 1024))
             for index, handle in handles
         ]
 
-    def _visible(self) -> list[tuple[int, Any]]:
+    def _visible_gpus(self) -> list[tuple[int, Any]]:
         """(index, handle) of the visible GPUs; NVML is initialised on the first call only."""
         with self._lock:
             if self._handles is None:
@@ -199,13 +199,13 @@ class NvmlProbe:
 
     def gpu_count(self) -> int:
         """GPUs visible to this process (0 on a CPU-only host)."""
-        return len(self._visible())
+        return len(self._visible_gpus())
 
     def used_by(self, pid: int) -> int:
         """Bytes of VRAM NVML attributes to `pid` on the visible GPUs (0 when unknown)."""
         import pynvml
 
-        handles = self._visible()
+        handles = self._visible_gpus()
         used = 0
         for _, handle in handles:
             try:
