@@ -1,10 +1,10 @@
 """studio-engine: an event-sourced lifecycle engine for llama-server."""
 
+from engine.core.errors import EngineError
+from engine.core.request import LoadRequest, LoadResult, Status
+from engine.core.rules import InvalidRequest
 from engine.orchestrator import Engine
 from engine.replay import replay
-from engine.request import LoadRequest, LoadResult, Status
-from engine.rules import InvalidRequest
-from engine.steps import EngineError
 
 __all__ = [
     "Engine",

@@ -1,6 +1,6 @@
 """The boundary between the orchestrator and the world: what an effect may do, and how it ends.
 
-`RealEffects` (engine.runtime) implements it with processes, HTTP and NVML; the test suite
+`RealEffects` (engine.adapters.runtime) implements it with processes, HTTP and NVML; the test suite
 implements it in memory. The orchestrator never touches the world except through it.
 """
 
@@ -13,9 +13,9 @@ from typing import Literal, Protocol
 
 from pydantic import SecretStr
 
-from engine.admission import MemoryBudget
-from engine.events import LoadSpec, ResolvedModel
-from engine.state import ServerProcess
+from engine.core.admission import MemoryBudget
+from engine.core.events import LoadSpec, ResolvedModel
+from engine.core.state import ServerProcess
 
 
 class Cancelled(Exception):
@@ -24,14 +24,6 @@ class Cancelled(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
-
-
-class StepFailed(Exception):
-    """An effect failed in a way the load reports to the user (with the server's own text)."""
-
-    def __init__(self, error: str, log_tail: str | None = None) -> None:
-        self.error, self.log_tail = error, log_tail
-        super().__init__(error)
 
 
 class CancelToken:

@@ -22,10 +22,13 @@ from typing import Any, Literal
 
 from pydantic import SecretStr
 
-from engine import events as ev
 from engine import steps
-from engine.binary import locate_server
-from engine.decide import (
+from engine.adapters.binary import locate_server
+from engine.adapters.journal import Journal
+from engine.adapters.lease import LEASE_TTL_S, Lease
+from engine.adapters.local_models import locate_model_file
+from engine.core import events as ev
+from engine.core.decide import (
     Admit,
     AwaitHealth,
     Emit,
@@ -40,16 +43,16 @@ from engine.decide import (
     decide,
     next_step,
 )
-from engine.effects import Cancelled, CancelToken, DownloadProgress, Effects, StepFailed
-from engine.evolve import evolve
-from engine.journal import Journal
-from engine.lease import LEASE_TTL_S, Lease
+from engine.core.errors import EngineError, StepFailed
+from engine.core.evolve import evolve
+from engine.core.request import LoadRequest, LoadResult, Status, as_request, to_spec
+from engine.core.rules import InvalidRequest, same_target
+from engine.core.snapshot import encode as encode_snapshot
+from engine.core.state import SlotState
+from engine.effects import Cancelled, CancelToken, DownloadProgress, Effects
+from engine.recovery import recover
 from engine.replay import SNAPSHOT_EVERY, open_state
-from engine.request import LoadRequest, LoadResult, Status, as_request, to_spec
-from engine.rules import InvalidRequest, same_target
-from engine.snapshot import encode as encode_snapshot
-from engine.state import SlotState
-from engine.steps import EngineError
+from engine.steps import SlotSettings
 
 log = logging.getLogger("studio-engine")
 
@@ -106,12 +109,14 @@ class Engine:
         self.slot = slot
         self.journal = journal
         self.journal_id = journal_id(journal)
-        self._effects = effects
-        self._health_timeout = health_timeout
-        self._kill_grace = kill_grace
-        self._settle_max_wait = settle_max_wait
-        self._threads = threads
-        self._memory_limit = memory_limit  # bytes this slot may use at most (None = the host's)
+        self.effects = effects
+        self.settings = SlotSettings(
+            health_timeout=health_timeout,
+            kill_grace=kill_grace,
+            settle_max_wait=settle_max_wait,
+            threads=threads,
+            memory_limit=memory_limit,
+        )
         self._snapshot_every = snapshot_every
         self._lease: Lease | None = None  # set by open(): this engine's claim on the slot
         self._state = open_state(journal, slot, snapshot_every)
@@ -119,7 +124,7 @@ class Engine:
         self._serial = threading.Lock()  # loads and unloads on this slot run one at a time
         self._flights: list[_Flight] = []
         self._observers: list[Callable[[ev.Event, SlotState], None]] = []
-        self._download: DownloadProgress | None = None  # per-chunk progress: memory only
+        self.download: DownloadProgress | None = None  # per-chunk progress: memory only
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
 
@@ -143,7 +148,7 @@ class Engine:
         crash monitor.
 
         A missing or broken llama-server is an error here, not at the first load; so is a slot
-        another live engine manages (`engine.lease.SlotBusy`).
+        another live engine manages (`engine.adapters.lease.SlotBusy`).
         """
         binary = locate_server(llama_server) if effects is None else None
         journal = Journal.open(journal_url, synchronous=synchronous)
@@ -151,7 +156,7 @@ class Engine:
         try:
             lease = Lease.acquire(journal, slot, lease_ttl)
             if effects is None:
-                from engine.runtime import RealEffects
+                from engine.adapters.runtime import RealEffects
 
                 assert binary is not None
                 directory = Path(run_dir) if run_dir is not None else default_run_dir(journal)
@@ -187,7 +192,7 @@ class Engine:
                     self.slot, state.version, state.updated_at or 0.0, encode_snapshot(state)
                 )
         finally:
-            close = getattr(self._effects, "close", None)
+            close = getattr(self.effects, "close", None)
             if close is not None:
                 close()
             if self._lease is not None:
@@ -202,7 +207,7 @@ class Engine:
 
     # --- the journal: the only way state changes ---------------------------------------------
 
-    def _emit(self, *events: ev.Event) -> SlotState:
+    def emit(self, *events: ev.Event) -> SlotState:
         with self._state_lock:
             before = self._state
             states = []
@@ -226,6 +231,11 @@ class Engine:
                 observer(event, state)
         return after
 
+    def hf_token(self, load_id: str) -> SecretStr | None:
+        """The request's own hub token, held in memory for its load only (never journaled)."""
+        with self._state_lock:
+            return next((f.hf_token for f in self._flights if f.load_id == load_id), None)
+
     def observe(self, callback: Callable[[ev.Event, SlotState], None]) -> None:
         """Call `callback(event, state_after)` after each journaled event (tests, progress)."""
         self._observers.append(callback)
@@ -238,7 +248,7 @@ class Engine:
 
     def progress(self) -> DownloadProgress | None:
         """Bytes done / total per file of the download in flight, None when none is."""
-        download, pending = self._download, self._state.pending
+        download, pending = self.download, self._state.pending
         if download is None or pending is None or pending.load_id != download.load_id:
             return None
         return download
@@ -280,7 +290,7 @@ class Engine:
         """Load (or reload) the slot's model. Serial per slot; the latest different load wins,
         an identical one joins the load in flight."""
         request = as_request(request)
-        spec = to_spec(request)  # InvalidRequest before anything is journaled
+        spec = to_spec(request, locate_model_file)  # InvalidRequest before anything is journaled
         with self._state_lock:
             joined = next(
                 (f for f in reversed(self._flights) if f.spec == spec and not f.token.cancelled),
@@ -310,7 +320,7 @@ class Engine:
         """Cancel any load in flight, then stop the server. Stored extra args survive."""
         self.cancel("unload requested")
         with self._serial:
-            self._emit_all(decide(Unload(at=self._effects.now()), self._state))
+            self._emit_all(decide(Unload(at=self.effects.now()), self._state))
             self._drive(token=None)
         return self.status()
 
@@ -329,9 +339,9 @@ class Engine:
     # --- loads -------------------------------------------------------------------------------
 
     def _join(self, joined: _Flight) -> LoadResult:
-        self._emit(
+        self.emit(
             ev.LoadJoined(
-                at=self._effects.now(), load_id=_new_load_id(), joined_load_id=joined.load_id
+                at=self.effects.now(), load_id=_new_load_id(), joined_load_id=joined.load_id
             )
         )
         result = joined.result.result()
@@ -342,7 +352,7 @@ class Engine:
             return LoadResult(
                 "cancelled", flight.load_id, self._state.state, error=flight.token.reason
             )
-        command = Load(flight.load_id, flight.spec, self._effects.now())
+        command = Load(flight.load_id, flight.spec, self.effects.now())
         events = decide(command, self._state)
         self._emit_all(events)
         if isinstance(events[0], ev.LoadShortCircuited):
@@ -371,7 +381,7 @@ class Engine:
         log_tail: str | None = None,
     ) -> LoadResult:
         while self._state.pending is not None and self._state.pending.load_id == load_id:
-            step = abort_step(self._state, outcome, error, self._effects.now())
+            step = abort_step(self._state, outcome, error, self.effects.now())
             if isinstance(step, Kill):
                 steps.kill(self, step.reason)
             else:
@@ -403,13 +413,13 @@ class Engine:
 
     def _emit_all(self, events: list[ev.Event] | tuple[ev.Event, ...]) -> None:
         if events:
-            self._emit(*events)
+            self.emit(*events)
 
     # --- steps -------------------------------------------------------------------------------
 
     def _drive(self, token: CancelToken | None) -> None:
         """Run steps until the pure core says there is nothing left to do."""
-        while (step := next_step(self._state, self._effects.now())) is not None:
+        while (step := next_step(self._state, self.effects.now())) is not None:
             if token is not None and not isinstance(step, Emit):
                 token.check()  # checkpoint before every effect
             self._run(step, token or CancelToken())
@@ -457,15 +467,15 @@ class Engine:
         process = state.process
         if state.state != "ready" or process is None:
             return False
-        exited = self._effects.exit_status(process)
+        exited = self.effects.exit_status(process)
         if exited is None:
             return False
-        self._emit(
+        self.emit(
             ev.Crashed(
-                at=self._effects.now(),
+                at=self.effects.now(),
                 pid=process.pid,
                 returncode=exited.returncode,
-                log_tail=self._effects.log_tail(process.log_path),
+                log_tail=self.effects.log_tail(process.log_path),
             )
         )
         return True
@@ -474,8 +484,6 @@ class Engine:
 
     def _recover(self) -> None:
         """Reconcile the replayed state with the real process table (see engine.recovery)."""
-        from engine.recovery import recover
-
         with self._serial:
             recover(self)
 

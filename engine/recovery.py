@@ -10,17 +10,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from engine import events as ev
 from engine import steps
+from engine.adapters.health import await_health
+from engine.adapters.process import CREATE_TIME_SLACK
+from engine.core import events as ev
+from engine.core.errors import EngineError
+from engine.core.state import ServerProcess
 from engine.effects import Cancelled, CancelToken
-from engine.health import await_health
-from engine.process import CREATE_TIME_SLACK
-from engine.state import ServerProcess
-
-if TYPE_CHECKING:
-    from engine.orchestrator import Engine
+from engine.steps import Slot
 
 READY_HEALTH_TIMEOUT_S = 10.0
 
@@ -31,9 +28,9 @@ def _owned_by_slot(marker: str, journal_id: str, slot: str) -> bool:
     return owner == f"{journal_id}/{slot}" and bool(load_id)
 
 
-def recover(engine: Engine) -> None:
+def recover(engine: Slot) -> None:
     state = engine.state
-    fx = engine._effects
+    fx = engine.effects
     now = fx.now
     marked = [
         m
@@ -46,7 +43,7 @@ def recover(engine: Engine) -> None:
 
     # A recovery that was itself interrupted resumes from the state the first one found.
     origin = (state.recovering_from or "idle") if state.state == "recovering" else state.state
-    engine._emit(ev.RecoveryStarted(at=now(), previous_state=state.state))
+    engine.emit(ev.RecoveryStarted(at=now(), previous_state=state.state))
     pending = state.pending
     dropped = (
         f"; load {pending.load_id} interrupted by backend crash (in {origin}) dropped"
@@ -71,16 +68,16 @@ def recover(engine: Engine) -> None:
 
     unhealthy = False
     if process is not None and ours is None and process.pid:
-        engine._emit(ev.ProcessExited(at=now(), pid=process.pid))  # gone while we were down
+        engine.emit(ev.ProcessExited(at=now(), pid=process.pid))  # gone while we were down
     if process is not None and ours is not None:
         pid, create_time, marker = ours
         live = ServerProcess(
             pid, create_time, process.port, process.load_id, marker, process.log_path
         )
-        timeout = READY_HEALTH_TIMEOUT_S if origin == "ready" else engine._health_timeout
+        timeout = READY_HEALTH_TIMEOUT_S if origin == "ready" else engine.settings.health_timeout
         adoptable = origin in ("resolving", "spawning", "warming", "ready")
         if adoptable and _healthy(engine, live, timeout):
-            engine._emit(
+            engine.emit(
                 ev.RecoveryAdopted(at=now(), pid=pid, create_time=create_time),
                 ev.RecoveryFinished(
                     at=now(), summary=f"adopted healthy llama-server pid {pid}{dropped}"
@@ -94,12 +91,12 @@ def recover(engine: Engine) -> None:
             _kill_untracked(engine, pid, create_time, marker)
 
     if origin in ("killing", "unloading", "idle", "recovering"):
-        engine._emit(
+        engine.emit(
             ev.RecoveryFinished(at=now(), summary=f"finished interrupted {origin}{dropped}")
         )
         return
     if origin in ("failed", "crashed") and pending is None:
-        engine._emit(ev.RecoveryFinished(at=now(), summary="orphans cleaned up"))
+        engine.emit(ev.RecoveryFinished(at=now(), summary="orphans cleaned up"))
         return
     if unhealthy:
         reason = f"llama-server did not answer /health when the backend restarted (in {origin})"
@@ -107,14 +104,14 @@ def recover(engine: Engine) -> None:
         reason = "llama-server was gone when the backend restarted"
     else:
         reason = f"load interrupted by backend crash (in {origin})"
-    engine._emit(
+    engine.emit(
         ev.LoadFailed(at=now(), load_id=pending.load_id if pending else None, error=reason),
         ev.RecoveryFinished(at=now(), summary=reason),
     )
 
 
-def _healthy(engine: Engine, live: ServerProcess, timeout: float) -> bool:
-    fx = engine._effects
+def _healthy(engine: Slot, live: ServerProcess, timeout: float) -> bool:
+    fx = engine.effects
     try:
         exited = await_health(
             lambda: fx.health(live.port),
@@ -128,10 +125,10 @@ def _healthy(engine: Engine, live: ServerProcess, timeout: float) -> bool:
     return exited is None
 
 
-def _kill_untracked(engine: Engine, pid: int, create_time: float, marker: str) -> None:
-    fx = engine._effects
+def _kill_untracked(engine: Slot, pid: int, create_time: float, marker: str) -> None:
+    fx = engine.effects
     victim = ServerProcess(pid, create_time, 0, "", marker, "")
-    grace = engine._kill_grace
+    grace = engine.settings.kill_grace
     if fx.terminate(victim, grace) is None and fx.kill(victim, grace) is None:
-        raise steps.EngineError(f"orphan llama-server pid {pid} survived SIGKILL")
-    engine._emit(ev.OrphanKilled(at=fx.now(), pid=pid, create_time=create_time, marker=marker))
+        raise EngineError(f"orphan llama-server pid {pid} survived SIGKILL")
+    engine.emit(ev.OrphanKilled(at=fx.now(), pid=pid, create_time=create_time, marker=marker))

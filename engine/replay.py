@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from engine.events import Event
-from engine.evolve import IllegalTransition, evolve
-from engine.journal import CorruptJournal, Journal, decode_row
-from engine.snapshot import SnapshotError, decode, encode
-from engine.state import SlotState
+from engine.adapters.journal import CorruptJournal, Journal, decode_row
+from engine.core.events import Event
+from engine.core.evolve import IllegalTransition, evolve
+from engine.core.snapshot import SnapshotError, decode, encode
+from engine.core.state import SlotState
 
 Until = int | float | datetime | None
 SNAPSHOT_EVERY = 1000  # events between snapshots; open replays at most this many

@@ -1,33 +1,61 @@
 """The effects behind each step of the pure core (`decide.Step`), as the orchestrator runs them.
 
-Each function runs one effect for the engine's pending load and journals it through
-`engine._emit`: the intent before the effect where a crash could otherwise lose it
+Each function runs one effect for the slot's pending load and journals it through
+`slot.emit`: the intent before the effect where a crash could otherwise lose it
 (kill_started before SIGTERM, spawn_started with argv and marker before Popen), the outcome
-right after. None of them changes state any other way; like engine.recovery, they are the
-orchestrator's own code, kept apart so that engine.orchestrator stays about sequencing.
+right after. None of them changes state any other way. They see the slot only through the
+`Slot` protocol below (the orchestrator's `Engine` is one), so neither this module nor
+engine.recovery imports the orchestrator.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from typing import Protocol
 
-from engine import admission, health
-from engine import events as ev
-from engine.cmdline import build_argv
-from engine.effects import CancelToken, DownloadProgress, FileProgress, StepFailed
-from engine.gpu import wait_for_settle
-from engine.process import make_marker
-from engine.rules import effective_extra_args
-from engine.state import SlotState
+from pydantic import SecretStr
 
-if TYPE_CHECKING:
-    from engine.orchestrator import Engine
+from engine.adapters import health
+from engine.adapters.gpu import wait_for_settle
+from engine.adapters.process import make_marker
+from engine.core import admission
+from engine.core import events as ev
+from engine.core.cmdline import build_argv
+from engine.core.errors import EngineError, StepFailed
+from engine.core.rules import effective_extra_args
+from engine.core.state import SlotState
+from engine.effects import CancelToken, DownloadProgress, Effects, FileProgress
 
 
-class EngineError(RuntimeError):
-    pass
+@dataclass(frozen=True, slots=True)
+class SlotSettings:
+    """The knobs a slot's steps run under (`Engine.open(**options)` sets them)."""
+
+    health_timeout: float
+    kill_grace: float
+    settle_max_wait: float
+    threads: int | None
+    memory_limit: int | None  # bytes this slot may use at most (None = the host's)
+
+
+class Slot(Protocol):
+    """What a step needs from the slot it runs on."""
+
+    slot: str
+    journal_id: str
+    effects: Effects
+    settings: SlotSettings
+    download: DownloadProgress | None  # per-chunk progress of the load in flight: memory only
+
+    @property
+    def state(self) -> SlotState: ...
+
+    def emit(self, *events: ev.Event) -> SlotState:
+        """Validate the events against the machine, journal them, publish the new state."""
+        ...
+
+    def hf_token(self, load_id: str) -> SecretStr | None: ...
 
 
 def launch_extra_args(state: SlotState) -> tuple[str, ...]:
@@ -39,31 +67,31 @@ def launch_extra_args(state: SlotState) -> tuple[str, ...]:
     )
 
 
-def resolve(engine: Engine, token: CancelToken) -> None:
-    pending = engine._state.pending
+def resolve(engine: Slot, token: CancelToken) -> None:
+    pending = engine.state.pending
     assert pending is not None
-    with engine._state_lock:
-        flight = next((f for f in engine._flights if f.load_id == pending.load_id), None)
-    model = engine._effects.resolve(
+    model = engine.effects.resolve(
         pending.spec,
         token,
-        hf_token=flight.hf_token if flight else None,
+        hf_token=engine.hf_token(pending.load_id),
         listener=DownloadRecorder(engine, pending.load_id),
     )
-    engine._emit(ev.ModelResolved(at=engine._effects.now(), load_id=pending.load_id, model=model))
+    engine.emit(ev.ModelResolved(at=engine.effects.now(), load_id=pending.load_id, model=model))
 
 
-def admit(engine: Engine) -> None:
-    state = engine._state
+def admit(engine: Slot) -> None:
+    state = engine.state
     pending = state.pending
     assert pending is not None and pending.model is not None
     extra_args = launch_extra_args(state)
     need = admission.estimate(pending.model, pending.spec, extra_args)
-    budget = replace(engine._effects.memory_budget(state.process), limit_bytes=engine._memory_limit)
+    budget = replace(
+        engine.effects.memory_budget(state.process), limit_bytes=engine.settings.memory_limit
+    )
     verdict = admission.verdict(need.need, budget, pending.spec.force)
-    engine._emit(
+    engine.emit(
         ev.AdmissionChecked(
-            at=engine._effects.now(),
+            at=engine.effects.now(),
             load_id=pending.load_id,
             context=need.context,
             weights_bytes=need.weights_bytes,
@@ -80,12 +108,12 @@ def admit(engine: Engine) -> None:
     )
 
 
-def kill(engine: Engine, reason: ev.KillReason) -> None:
-    process = engine._state.process
+def kill(engine: Slot, reason: ev.KillReason) -> None:
+    process = engine.state.process
     assert process is not None
-    load_id = engine._state.pending.load_id if engine._state.pending else None
-    now = engine._effects.now
-    engine._emit(
+    load_id = engine.state.pending.load_id if engine.state.pending else None
+    now = engine.effects.now
+    engine.emit(
         ev.KillStarted(
             at=now(),
             load_id=load_id,
@@ -94,43 +122,41 @@ def kill(engine: Engine, reason: ev.KillReason) -> None:
             reason=reason,
         )
     )
-    exited = engine._effects.terminate(process, engine._kill_grace)
+    exited = engine.effects.terminate(process, engine.settings.kill_grace)
     if exited is None:
-        engine._emit(ev.KillEscalated(at=now(), load_id=load_id, pid=process.pid))
-        exited = engine._effects.kill(process, engine._kill_grace)
+        engine.emit(ev.KillEscalated(at=now(), load_id=load_id, pid=process.pid))
+        exited = engine.effects.kill(process, engine.settings.kill_grace)
     if exited is None:
         raise EngineError(f"llama-server pid {process.pid} survived SIGKILL")
-    engine._emit(
-        ev.ProcessExited(
-            at=now(), load_id=load_id, pid=process.pid, returncode=exited.returncode
-        )
+    engine.emit(
+        ev.ProcessExited(at=now(), load_id=load_id, pid=process.pid, returncode=exited.returncode)
     )
 
 
-def settle(engine: Engine, token: CancelToken) -> None:
-    state = engine._state
+def settle(engine: Slot, token: CancelToken) -> None:
+    state = engine.state
     assert state.pending is not None
     load_id = state.pending.load_id
-    now, monotonic = engine._effects.now, engine._effects.monotonic
+    now, monotonic = engine.effects.now, engine.effects.monotonic
     kill_age = now() - state.last_kill_at if state.last_kill_at is not None else None
     if state.state != "settling":
-        engine._emit(ev.SettleStarted(at=now(), load_id=load_id, kill_age_s=kill_age))
+        engine.emit(ev.SettleStarted(at=now(), load_id=load_id, kill_age_s=kill_age))
     token.check()
     since_kill = monotonic() - kill_age if kill_age is not None else 0.0
 
     def sampled(sample: list[tuple[int, int]]) -> None:
-        engine._emit(ev.VramSampled(at=now(), load_id=load_id, free_mib=tuple(sample)))
+        engine.emit(ev.VramSampled(at=now(), load_id=load_id, free_mib=tuple(sample)))
 
     outcome = wait_for_settle(
-        engine._effects.probe_vram,
+        engine.effects.probe_vram,
         since_kill,
-        max_wait=engine._settle_max_wait,
+        max_wait=engine.settings.settle_max_wait,
         clock=monotonic,
         sleep=token.sleep,
         on_sample=sampled,
-        gpus_present=engine._effects.has_gpu() if kill_age is not None else None,
+        gpus_present=engine.effects.has_gpu() if kill_age is not None else None,
     )
-    engine._emit(
+    engine.emit(
         ev.Settled(
             at=now(),
             load_id=load_id,
@@ -141,11 +167,11 @@ def settle(engine: Engine, token: CancelToken) -> None:
     )
 
 
-def spawn(engine: Engine, token: CancelToken) -> None:
-    state = engine._state
+def spawn(engine: Slot, token: CancelToken) -> None:
+    state = engine.state
     pending = state.pending
     assert pending is not None and pending.model is not None
-    effects = engine._effects
+    effects = engine.effects
     extra_args = launch_extra_args(state)
     port = effects.free_port()
     template = pending.spec.chat_template_override
@@ -155,13 +181,13 @@ def spawn(engine: Engine, token: CancelToken) -> None:
         pending.spec,
         extra_args,
         port=port,
-        threads=engine._threads,
+        threads=engine.settings.threads,
         template_file=effects.template_file(template) if template is not None else None,
     )
     marker = make_marker(engine.journal_id, engine.slot, pending.load_id)
     log_path = effects.log_path(pending.load_id)
     token.check()
-    engine._emit(
+    engine.emit(
         ev.SpawnStarted(
             at=effects.now(),
             load_id=pending.load_id,
@@ -174,35 +200,35 @@ def spawn(engine: Engine, token: CancelToken) -> None:
         )
     )
     pid, create_time = effects.spawn(argv, marker, log_path)
-    engine._emit(
+    engine.emit(
         ev.Spawned(at=effects.now(), load_id=pending.load_id, pid=pid, create_time=create_time)
     )
 
 
-def await_health(engine: Engine, token: CancelToken) -> None:
-    state = engine._state
+def await_health(engine: Slot, token: CancelToken) -> None:
+    state = engine.state
     process, pending = state.process, state.pending
     assert process is not None and pending is not None
-    effects = engine._effects
+    effects = engine.effects
     start = effects.monotonic()
     try:
         exited = health.await_health(
             lambda: effects.health(process.port),
             lambda: effects.exit_status(process),
             token,
-            engine._health_timeout,
+            engine.settings.health_timeout,
             effects.monotonic,
         )
     except TimeoutError as exc:
         tail = effects.log_tail(process.log_path)
-        engine._emit(
+        engine.emit(
             ev.HealthFailed(
                 at=effects.now(), load_id=pending.load_id, error=str(exc), log_tail=tail
             )
         )
         raise StepFailed(str(exc), tail) from exc
     if exited is None:
-        engine._emit(
+        engine.emit(
             ev.HealthPassed(
                 at=effects.now(),
                 load_id=pending.load_id,
@@ -215,7 +241,7 @@ def await_health(engine: Engine, token: CancelToken) -> None:
     reported = server_error(tail)
     if reported:
         error += f": {reported}"
-    engine._emit(
+    engine.emit(
         ev.HealthFailed(
             at=effects.now(),
             load_id=pending.load_id,
@@ -237,17 +263,17 @@ class DownloadRecorder:
     """A load's DownloadListener: journals the start and each finished file (never a chunk),
     and keeps per-chunk byte counts in memory for `Engine.progress()`."""
 
-    def __init__(self, engine: Engine, load_id: str) -> None:
+    def __init__(self, engine: Slot, load_id: str) -> None:
         self._engine, self._load_id = engine, load_id
 
     def started(self, repo_id: str, revision: str, files: Sequence[tuple[str, int]]) -> None:
         engine = self._engine
-        engine._download = DownloadProgress(
+        engine.download = DownloadProgress(
             self._load_id, repo_id, tuple(FileProgress(p, 0, size) for p, size in files)
         )
-        engine._emit(
+        engine.emit(
             ev.DownloadStarted(
-                at=engine._effects.now(),
+                at=engine.effects.now(),
                 load_id=self._load_id,
                 repo_id=repo_id,
                 revision=revision,
@@ -257,7 +283,7 @@ class DownloadRecorder:
         )
 
     def advanced(self, path: str, done: int, total: int) -> None:
-        download = self._engine._download
+        download = self._engine.download
         if download is None or download.load_id != self._load_id:
             return
         files = tuple(
@@ -265,14 +291,14 @@ class DownloadRecorder:
             for f in download.files
         )
         # One reference swap: readers on other threads see the old or the new snapshot.
-        self._engine._download = replace(download, files=files)
+        self._engine.download = replace(download, files=files)
 
     def finished(self, path: str, size: int, seconds: float) -> None:
         self.advanced(path, size, size)
         engine = self._engine
-        engine._emit(
+        engine.emit(
             ev.FileDownloaded(
-                at=engine._effects.now(),
+                at=engine.effects.now(),
                 load_id=self._load_id,
                 path=path,
                 size_bytes=size,

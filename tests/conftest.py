@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from engine.journal import Journal
+from engine.adapters.journal import Journal
+from engine.cli.tiny_model import write_tiny_model
 from engine.orchestrator import Engine
-from engine.tiny_model import write_tiny_model
 from tests.fakes import FakeEffects
 
 # huggingface_hub freezes HF_ENDPOINT / HF_HOME when first imported and, on first use, fetches

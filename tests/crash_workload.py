@@ -18,10 +18,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from engine import events as ev
+from engine.core import events as ev
+from engine.core.request import LoadRequest
+from engine.core.state import SlotState
 from engine.orchestrator import Engine
-from engine.request import LoadRequest
-from engine.state import SlotState
 
 
 def _die() -> None:
@@ -35,8 +35,8 @@ class CrashingEngine(Engine):
     after_kind = os.environ.get("CRASH_AFTER_KIND")
     emitted = 0
 
-    def _emit(self, *events: ev.Event) -> SlotState:
-        state = super()._emit(*events)
+    def emit(self, *events: ev.Event) -> SlotState:
+        state = super().emit(*events)
         for event in events:
             CrashingEngine.emitted += 1
             if CrashingEngine.emitted == self.after_event or event.type == self.after_kind:

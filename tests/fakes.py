@@ -7,10 +7,11 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from engine.admission import MemoryBudget
-from engine.effects import CancelToken, DownloadListener, Exited, Health, StepFailed
-from engine.events import LoadSpec, ResolvedModel
-from engine.state import ServerProcess
+from engine.core.admission import MemoryBudget
+from engine.core.errors import StepFailed
+from engine.core.events import LoadSpec, ResolvedModel
+from engine.core.state import ServerProcess
+from engine.effects import CancelToken, DownloadListener, Exited, Health
 
 
 class FakeEffects:

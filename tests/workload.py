@@ -7,8 +7,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from engine.core.request import LoadRequest
 from engine.orchestrator import Engine
-from engine.request import LoadRequest
 from tests.fakes import FakeEffects
 
 # FakeEffects: a `broken` model fails to resolve, a `crashy` one exits before it is healthy.

@@ -19,12 +19,12 @@ from typing import Any
 
 import httpx
 
-from engine import events as ev
-from engine.journal import Journal
+from engine.adapters.journal import Journal
+from engine.cli.tiny_model import write_tiny_model
+from engine.core import events as ev
+from engine.core.request import LoadRequest
 from engine.orchestrator import Engine
 from engine.replay import replay_state
-from engine.request import LoadRequest
-from engine.tiny_model import write_tiny_model
 
 
 def _pct(samples: list[float], q: float) -> float:
@@ -160,7 +160,7 @@ def bench_reload(folder: Path, rounds: int) -> None:
     model = write_tiny_model(folder / "tiny.gguf")
     engine = Engine.open(folder / "reload.db", run_dir=folder / "run")
     client = httpx.Client(trust_env=False, timeout=2.0)
-    env = {**os.environ, **engine._effects.processes._env}  # type: ignore[attr-defined]
+    env = {**os.environ, **engine.effects.processes._env}  # type: ignore[attr-defined]
     engine_times, bare_times, short_circuit = [], [], []
     try:
         for i in range(rounds):
@@ -175,7 +175,7 @@ def bench_reload(folder: Path, rounds: int) -> None:
                 short_circuit.append(time.perf_counter() - t)
             argv = list(engine.state.serving.argv)  # type: ignore[union-attr]
             engine.unload()
-            port = engine._effects.free_port()
+            port = engine.effects.free_port()
             argv[argv.index("--port") + 1] = str(port)
             t = time.perf_counter()
             bare = subprocess.Popen(
@@ -245,9 +245,9 @@ def bench_open(folder: Path, sizes: tuple[int, ...]) -> None:
     """Engine.open (lease, replay, recovery scan with real effects) vs journal length.
 
     Worst case for snapshots: the newest one is `SNAPSHOT_EVERY - 1` events old."""
-    from engine.binary import locate_server
+    from engine.adapters.binary import locate_server
+    from engine.adapters.runtime import RealEffects
     from engine.replay import SNAPSHOT_EVERY, open_state
-    from engine.runtime import RealEffects
 
     binary = locate_server()
 
@@ -300,8 +300,8 @@ def bench_open(folder: Path, sizes: tuple[int, ...]) -> None:
 
 def bench_snapshot_append(folder: Path, n: int) -> None:
     """What a snapshot adds to the append that carries it (once every SNAPSHOT_EVERY events)."""
+    from engine.core.snapshot import encode
     from engine.replay import SNAPSHOT_EVERY
-    from engine.snapshot import encode
 
     journal = Journal.open(folder / "snap.db")
     event = ev.LoadJoined(at=time.time(), load_id="bench", joined_load_id="other")
@@ -325,7 +325,7 @@ def bench_snapshot_append(folder: Path, n: int) -> None:
 
 
 def bench_settle() -> None:
-    from engine.gpu import NvmlProbe, wait_for_settle
+    from engine.adapters.gpu import NvmlProbe, wait_for_settle
 
     calls = 0
 

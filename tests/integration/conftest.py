@@ -98,6 +98,6 @@ def real_engine(tmp_path: Path) -> Iterator[Engine]:
 
 
 def marked_servers(engine: Engine) -> list[tuple[int, float, str]]:
-    from engine.process import ProcessManager
+    from engine.adapters.process import ProcessManager
 
     return ProcessManager().marked_processes(engine.journal_id + "/")

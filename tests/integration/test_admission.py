@@ -10,12 +10,12 @@ import httpx
 import psutil
 import pytest
 
-from engine.admission import MIB
-from engine.gpu import NvmlProbe
-from engine.memory import memory_budget
+from engine.adapters.gpu import NvmlProbe
+from engine.adapters.memory import memory_budget
+from engine.core.admission import MIB
+from engine.core.request import LoadRequest
 from engine.orchestrator import Engine
 from engine.replay import replay_state
-from engine.request import LoadRequest
 from tests.conftest import rows
 from tests.integration.conftest import marked_servers
 

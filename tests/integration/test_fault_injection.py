@@ -21,10 +21,10 @@ import httpx
 import psutil
 import pytest
 
-from engine.cli import main as cli_main
-from engine.journal import Journal
+from engine.adapters.journal import Journal
+from engine.adapters.process import MARKER_ENV, ProcessManager
+from engine.cli.main import main as cli_main
 from engine.orchestrator import Engine, journal_id
-from engine.process import MARKER_ENV, ProcessManager
 from tests.conftest import rows
 
 pytestmark = pytest.mark.server

@@ -13,11 +13,11 @@ import httpx
 import psutil
 import pytest
 
-from engine import events as ev
-from engine.journal import Journal
+from engine.adapters.journal import Journal
+from engine.cli.tiny_model import write_tiny_model
+from engine.core import events as ev
+from engine.core.request import LoadRequest, LoadResult
 from engine.orchestrator import Engine
-from engine.request import LoadRequest, LoadResult
-from engine.tiny_model import write_tiny_model
 from tests.hubserver import FakeHub, Throttle
 
 pytestmark = pytest.mark.server
@@ -326,7 +326,7 @@ def _fingerprint(token: str) -> str:
 def test_the_demo_draws_a_progress_bar_for_a_hub_download(
     hub: FakeHub, tiny_repo: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from engine.demo import run_hub_demo
+    from engine.cli.demo import run_hub_demo
 
     # Slow enough (~0.5 s) for the 0.1 s poll to draw frames before the final one.
     hub.throttles["Tiny-Q4_K_M.gguf"] = Throttle(chunk=64 * 1024, delay_s=0.08)

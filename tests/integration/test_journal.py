@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import events as ev
-from engine.journal import HEAD_REVISION, ConcurrencyConflict, Journal, SecretInPayload
+from engine.adapters.journal import HEAD_REVISION, ConcurrencyConflict, Journal, SecretInPayload
+from engine.core import events as ev
 
 SPEC = ev.LoadSpec(model="/models/a.gguf", max_seq_length=4096, extra_args=("--top-k", "20"))
 EVENTS = [

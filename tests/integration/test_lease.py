@@ -11,10 +11,10 @@ import pytest
 import sqlalchemy as sa
 
 from engine import EngineError
-from engine.journal import Journal, leases_table
-from engine.lease import Lease, SlotBusy, db_now, this_process
+from engine.adapters.journal import Journal, leases_table
+from engine.adapters.lease import Lease, SlotBusy, db_now, this_process
+from engine.core.request import LoadRequest
 from engine.orchestrator import Engine
-from engine.request import LoadRequest
 from tests.fakes import FakeEffects
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from engine import events as ev
+from engine.cli.tiny_model import write_tiny_model
+from engine.core import events as ev
+from engine.core.request import LoadRequest, LoadResult
+from engine.core.state import SlotState
 from engine.orchestrator import Engine
-from engine.request import LoadRequest, LoadResult
-from engine.state import SlotState
-from engine.tiny_model import write_tiny_model
 
 pytestmark = pytest.mark.server
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from engine.adapters.process import MARKER_ENV
+from engine.cli.tiny_model import write_tiny_model
+from engine.core.request import LoadRequest
 from engine.orchestrator import Engine
-from engine.process import MARKER_ENV
-from engine.request import LoadRequest
-from engine.tiny_model import write_tiny_model
 
 pytestmark = pytest.mark.server
 

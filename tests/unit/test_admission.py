@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import events as ev
-from engine.admission import (
+from engine.core import events as ev
+from engine.core.admission import (
     MIB,
     RUNTIME_OVERHEAD_BYTES,
     MemoryBudget,
@@ -16,8 +16,8 @@ from engine.admission import (
     server_context,
     verdict,
 )
+from engine.core.request import LoadRequest
 from engine.orchestrator import Engine
-from engine.request import LoadRequest
 from tests.fakes import FakeEffects
 
 # A Llama-3-8B-like geometry: 32 layers, 8 KV heads of 128 dims, 8k native context.
@@ -135,7 +135,7 @@ def test_a_refused_cold_load_fails_and_the_next_one_can_proceed(
 
 
 def test_a_memory_limit_caps_what_is_available_and_is_named() -> None:
-    from engine.admission import refusal_message
+    from engine.core.admission import refusal_message
 
     capped = MemoryBudget(8 << 30, 8 << 30, releasable_bytes=1 << 30, limit_bytes=1 << 30)
     assert capped.total == 1 << 30

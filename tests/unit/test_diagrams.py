@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from engine.diagram import MD_NAME, MMD_NAME, markdown, mermaid
+from engine.cli.diagram import MD_NAME, MMD_NAME, markdown, mermaid
 
 DIAGRAMS = Path(__file__).resolve().parents[2] / "diagrams"
 
@@ -17,7 +17,7 @@ def test_readme_embeds_the_current_diagram() -> None:
 
 
 def test_every_state_appears_in_the_diagram() -> None:
-    from engine.machine import STATES
+    from engine.core.machine import STATES
 
     text = mermaid()
     for state in STATES:

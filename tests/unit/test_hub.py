@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.hub import scrub
+from engine.adapters.hub import scrub
 
 
 def test_scrub_hides_tokens_in_error_text() -> None:

@@ -2,8 +2,8 @@ from collections import deque
 
 import pytest
 
-from engine.events import EVENT_TYPES
-from engine.machine import STATES, TRANSITION_TABLE, build_machine
+from engine.core.events import EVENT_TYPES
+from engine.core.machine import STATES, TRANSITION_TABLE, build_machine
 
 
 def test_every_event_type_is_a_legal_trigger_somewhere() -> None:
@@ -47,8 +47,8 @@ def test_machine_has_no_conditions() -> None:
 def test_evolve_copies_the_state_exactly_like_dataclasses_replace() -> None:
     from dataclasses import fields, replace
 
-    from engine.evolve import _copy_with
-    from engine.state import SlotState
+    from engine.core.evolve import _copy_with
+    from engine.core.state import SlotState
 
     base = SlotState(extra_args=("--seed", "1"), last_error="boom", last_kill_at=3.0)
     for field in fields(SlotState):

@@ -9,7 +9,7 @@ from typing import Any
 import pynvml
 import pytest
 
-from engine.gpu import NvmlProbe
+from engine.adapters.gpu import NvmlProbe
 
 MIB = 1024 * 1024
 

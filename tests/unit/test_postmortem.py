@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from engine import events as ev
-from engine.cli import main
-from engine.evolve import evolve
-from engine.journal import Journal
+from engine.adapters.journal import Journal
+from engine.cli.main import main
+from engine.core import events as ev
+from engine.core.evolve import evolve
+from engine.core.postmortem import analyse
+from engine.core.request import LoadRequest
+from engine.core.state import SlotState
 from engine.orchestrator import Engine
-from engine.postmortem import analyse
-from engine.request import LoadRequest
-from engine.state import SlotState
 from tests.fakes import FakeEffects
 
 SPEC = ev.LoadSpec(model="/m/a.gguf", max_seq_length=4096, extra_args=("--top-k", "20"))

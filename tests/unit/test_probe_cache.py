@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from freezegun import freeze_time
 
-from engine import events as ev
-from engine.effects import Cancelled, CancelToken, StepFailed
-from engine.journal import Journal
-from engine.probe_cache import ERROR_RETRY_S, ProbeCache
+from engine.adapters.journal import Journal
+from engine.adapters.probe_cache import ERROR_RETRY_S, ProbeCache
+from engine.core import events as ev
+from engine.core.errors import StepFailed
+from engine.effects import Cancelled, CancelToken
 
 
 def record(key: tuple[str, str | None], **fields: object) -> ev.HubProbed:
@@ -109,9 +110,7 @@ def test_transient_failures_are_shared_but_not_cached() -> None:
 def test_a_cached_refusal_is_probed_again_after_the_retry_interval() -> None:
     cache = ProbeCache(None)
     with freeze_time("2026-11-26 12:00:00") as clock:
-        answers = iter(
-            [record(("a/b", None), error="gated"), record(("a/b", None), repo_id="a/b")]
-        )
+        answers = iter([record(("a/b", None), error="gated"), record(("a/b", None), repo_id="a/b")])
         assert cache.get(("a/b", None), lambda: next(answers), CancelToken()).error == "gated"
         clock.tick(ERROR_RETRY_S - 1)
         assert cache.get(("a/b", None), lambda: next(answers), CancelToken()).error == "gated"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 
+from engine.core.state import SlotState
 from engine.orchestrator import Engine
 from engine.replay import replay_state
-from engine.state import SlotState
 from tests.conftest import rows
 from tests.fakes import FakeEffects
 from tests.workload import Command, apply, commands, write_models

@@ -8,19 +8,20 @@ from typing import Any
 
 import pytest
 
-from engine import events as ev
-from engine.decide import Load, decide, duplicate_of_serving
-from engine.evolve import fold
-from engine.orchestrator import Engine
-from engine.request import to_spec
-from engine.rules import (
+from engine.adapters.local_models import locate_model_file
+from engine.core import events as ev
+from engine.core.decide import Load, decide, duplicate_of_serving
+from engine.core.evolve import fold
+from engine.core.request import to_spec
+from engine.core.rules import (
     InvalidRequest,
     check_extra_args,
     effective_extra_args,
     split_flags,
     strip_shadowed,
 )
-from engine.state import SlotState
+from engine.core.state import SlotState
+from engine.orchestrator import Engine
 from tests.fakes import FakeEffects
 
 MODEL = "/models/qwen.gguf"
@@ -407,14 +408,15 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
 def test_refused_requests_name_the_problem(fields: dict[str, Any], message: str) -> None:
     request = {"model_path": "unsloth/Qwen3-0.6B-GGUF", **fields}
     with pytest.raises(InvalidRequest) as caught:
-        to_spec(request)
+        to_spec(request, locate_model_file)
     assert message in str(caught.value)
     assert TOKEN not in str(caught.value), "the error message must not echo a token"
 
 
 def test_template_may_contain_newlines_and_tabs() -> None:
     parsed = to_spec(
-        {"model_path": "owner/repo", "chat_template_override": "{% for m in x %}\n\t{{ m }}"}
+        {"model_path": "owner/repo", "chat_template_override": "{% for m in x %}\n\t{{ m }}"},
+        locate_model_file,
     )
     assert parsed.chat_template_override is not None
 

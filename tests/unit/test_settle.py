@@ -10,10 +10,10 @@ import pytest
 from freezegun import freeze_time
 from freezegun.api import FrozenDateTimeFactory
 
-from engine import events as ev
-from engine.gpu import Sample, agree, wait_for_settle
+from engine.adapters.gpu import Sample, agree, wait_for_settle
+from engine.core import events as ev
+from engine.core.request import LoadRequest
 from engine.orchestrator import Engine
-from engine.request import LoadRequest
 from tests.conftest import rows
 from tests.fakes import FakeEffects
 

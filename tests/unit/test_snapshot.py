@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from engine.journal import Journal
-from engine.machine import STATES, TRANSITION_TABLE
+from engine.adapters.journal import Journal
+from engine.core.machine import STATES, TRANSITION_TABLE
+from engine.core.snapshot import STATE_FORMAT, SnapshotError, decode, encode
+from engine.core.state import SlotState
 from engine.orchestrator import Engine
 from engine.replay import open_state, replay_state
-from engine.snapshot import STATE_FORMAT, SnapshotError, decode, encode
-from engine.state import SlotState
 from tests.conftest import rows, run_sql
 from tests.fakes import FakeEffects
 from tests.workload import Command, apply, commands, write_models

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine import events as ev
-from engine.effects import StepFailed
-from engine.variants import (
+from engine.core import events as ev
+from engine.core.errors import StepFailed
+from engine.core.variants import (
     PREFERRED_VARIANTS,
     gguf_candidates,
     pick_mmproj,

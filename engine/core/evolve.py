@@ -12,9 +12,9 @@ from dataclasses import fields, replace
 from operator import attrgetter
 from typing import Any, Final
 
-from engine import events as ev
-from engine.machine import TRANSITION_TABLE
-from engine.state import LoadedModel, PendingLoad, ServerProcess, SlotState
+from engine.core import events as ev
+from engine.core.machine import TRANSITION_TABLE
+from engine.core.state import LoadedModel, PendingLoad, ServerProcess, SlotState
 
 
 class IllegalTransition(ValueError):

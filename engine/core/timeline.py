@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from engine.events import Event
+from engine.core.events import Event
 
 # Fields too bulky or too internal for a one-line summary.
 _OMIT = frozenset({"type", "schema_version", "at", "load_id", "argv", "log_tail", "marker"})

@@ -15,9 +15,9 @@ from typing import Final
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from engine.events import SCHEMA_VERSION
-from engine.machine import STATES
-from engine.state import SlotState
+from engine.core.events import SCHEMA_VERSION
+from engine.core.machine import STATES
+from engine.core.state import SlotState
 
 
 class _Document(BaseModel):

@@ -4,9 +4,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.effects import StepFailed
-from engine.events import ResolvedModel
-from engine.gguf_header import NotAGguf, read_header
+from engine.adapters.gguf_header import NotAGguf, read_header
+from engine.core.errors import StepFailed
+from engine.core.events import ResolvedModel
+from engine.core.rules import InvalidRequest
+
+
+def locate_model_file(model_path: str) -> str | None:
+    """The resolved path of the local .gguf file `model_path` names; None for a hub repo id.
+
+    Anything that looks like a path must name an existing file: a typo is refused here,
+    before the running server is touched, instead of being tried as a repo id.
+    """
+    looks_local = (
+        model_path.startswith(("/", "./", "../", "~"))
+        or model_path.lower().endswith(".gguf")
+        or Path(model_path).exists()
+    )
+    if not looks_local:
+        return None
+    path = Path(model_path).expanduser().resolve()
+    if path.is_dir():
+        raise InvalidRequest(f"model_path: {path} is a folder; name the .gguf file in it")
+    if not path.is_file():
+        raise InvalidRequest(f"model_path: no such file: {path}")
+    return str(path)
 
 
 def find_mmproj(model_file: Path) -> Path | None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, field_validator
 
-from engine.events import LoadSpec
-from engine.rules import (
+from engine.core.events import LoadSpec
+from engine.core.rules import (
     CACHE_TYPES,
     MAX_CONTEXT,
     SPECULATIVE_TYPES,
@@ -46,14 +46,6 @@ class LoadRequest(BaseModel):
         return value
 
 
-def _is_local(model_path: str) -> bool:
-    return (
-        model_path.startswith(("/", "./", "../", "~"))
-        or model_path.lower().endswith(".gguf")
-        or Path(model_path).exists()
-    )
-
-
 def as_request(request: LoadRequest | dict[str, Any]) -> LoadRequest:
     """A dict becomes a LoadRequest; a refusal names the field it is about."""
     if isinstance(request, LoadRequest):
@@ -66,8 +58,12 @@ def as_request(request: LoadRequest | dict[str, Any]) -> LoadRequest:
         raise InvalidRequest(f"{field}: {first['msg']}") from None
 
 
-def to_spec(request: LoadRequest | dict[str, Any]) -> LoadSpec:
-    """Validate and normalise; every refusal names the field or flag it is about."""
+def to_spec(request: LoadRequest | dict[str, Any], locate: Callable[[str], str | None]) -> LoadSpec:
+    """Validate and normalise; every refusal names the field or flag it is about.
+
+    `locate(model_path)` is the file system's answer (engine.adapters.local_models): the
+    resolved path of a local model file, None for a hub repo id, InvalidRequest otherwise.
+    """
     request = as_request(request)
     for field in ("model_path", "gguf_variant", "cache_type_kv", "speculative_type"):
         value = getattr(request, field)
@@ -85,13 +81,9 @@ def to_spec(request: LoadRequest | dict[str, Any]) -> LoadSpec:
     model = request.model_path.strip()
     if not model:
         raise InvalidRequest("model_path: must not be empty")
-    if _is_local(model):
-        path = Path(model).expanduser().resolve()
-        if path.is_dir():
-            raise InvalidRequest(f"model_path: {path} is a folder; name the .gguf file in it")
-        if not path.is_file():
-            raise InvalidRequest(f"model_path: no such file: {path}")
-        model = str(path)
+    local = locate(model)
+    if local is not None:
+        model = local
     elif not _REPO_ID.match(model):
         raise InvalidRequest(
             f"model_path: {model!r} is neither an existing .gguf file nor a hub repo id "

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from engine import events as ev
-from engine.rules import reload_reason
-from engine.state import SlotState
+from engine.core import events as ev
+from engine.core.rules import reload_reason
+from engine.core.state import SlotState
 
 
 @dataclass(frozen=True, slots=True)

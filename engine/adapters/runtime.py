@@ -11,18 +11,19 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from engine import process as proc
-from engine.admission import MemoryBudget
-from engine.binary import ServerBinary
-from engine.effects import CancelToken, DownloadListener, Exited, Health, StepFailed
-from engine.events import LoadSpec, ResolvedModel
-from engine.gpu import NvmlProbe
-from engine.health import HealthClient
-from engine.hub import Hub
-from engine.journal import Journal
-from engine.local_models import resolve_local
-from engine.memory import memory_budget
-from engine.state import ServerProcess
+from engine.adapters import process as proc
+from engine.adapters.binary import ServerBinary
+from engine.adapters.gpu import NvmlProbe
+from engine.adapters.health import HealthClient
+from engine.adapters.hub import Hub
+from engine.adapters.journal import Journal
+from engine.adapters.local_models import resolve_local
+from engine.adapters.memory import memory_budget
+from engine.core.admission import MemoryBudget
+from engine.core.errors import StepFailed
+from engine.core.events import LoadSpec, ResolvedModel
+from engine.core.state import ServerProcess
+from engine.effects import CancelToken, DownloadListener, Exited, Health
 
 
 class RealEffects:

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from engine import events as ev
-from engine.effects import StepFailed
+from engine.core import events as ev
+from engine.core.errors import StepFailed
 
 # Picked in this order when a request names no variant; then the smallest GGUF in the repo.
 PREFERRED_VARIANTS: Final = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q8_0")
@@ -26,7 +26,6 @@ _QUANT = re.compile(
     r"(?![A-Za-z0-9])",
     re.IGNORECASE,
 )
-
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from engine.events import LoadSpec, ResolvedModel
-from engine.rules import SHADOW_GROUPS, flag_name, split_flags
+from engine.core.events import LoadSpec, ResolvedModel
+from engine.core.rules import SHADOW_GROUPS, flag_name, split_flags
 
 MIB: Final = 1024 * 1024
 # Compute buffers, the CUDA/runtime context and the server itself; a conservative allowance.

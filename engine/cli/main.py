@@ -10,43 +10,19 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from engine.binary import ServerBinaryError
-from engine.events import Event, is_slot_stream
-from engine.journal import Journal, JournalError
-from engine.replay import Step, Until, bounds, replay_steps
-from engine.snapshot import SnapshotError
-from engine.snapshot import decode as decode_snapshot
-from engine.state import SlotState
-from engine.timeline import row
-
-
-def _until(text: str | None) -> Until:
-    if text is None:
-        return None
-    if text.isdigit():
-        return int(text)
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--until takes a sequence number or an ISO time, not {text!r}"
-        ) from None
-
-
-def _steps(journal_path: str, slot: str, until: Until) -> list[Step]:
-    journal = Journal.open(journal_path, create=False)
-    try:
-        if slot not in journal.streams():
-            known = ", ".join(s for s in journal.streams() if is_slot_stream(s)) or "none"
-            raise JournalError(f"journal has no slot {slot!r} (slots: {known})")
-        return list(replay_steps(journal.read_rows(slot, **bounds(until))))
-    finally:
-        journal.close()
+from engine.adapters.binary import ServerBinaryError
+from engine.adapters.journal import Journal, JournalError
+from engine.cli.timeline import parse_until, print_timeline, read_steps
+from engine.core.events import Event, is_slot_stream
+from engine.core.snapshot import SnapshotError
+from engine.core.snapshot import decode as decode_snapshot
+from engine.core.state import SlotState
+from engine.replay import Step, replay_steps
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     if args.json:
-        steps = _steps(args.journal, args.slot, _until(args.until))
+        steps = read_steps(args.journal, args.slot, parse_until(args.until))
         for step in steps:
             print(
                 json.dumps(
@@ -59,32 +35,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 )
             )
         return 0
-    print_timeline(args.journal, args.slot, _until(args.until))
+    print_timeline(args.journal, args.slot, parse_until(args.until))
     return 0
 
 
-def print_timeline(journal: str, slot: str, until: Until) -> None:
-    steps = _steps(journal, slot, until)
-    header = f"{'seq':>6}  {'time (UTC)':23}  {'delta':>9}  {'event':22} {'state after':12} details"
-    print(header)
-    print("-" * len(header))
-    previous = None
-    for step in steps:
-        print(row(step.seq, step.at, previous, step.event, step.state.state))
-        previous = step.at
-    final = steps[-1].state.state if steps else "idle"
-    print(f"\n{len(steps)} events; slot {slot!r} is {final!r}")
-
-
 def cmd_diagram(args: argparse.Namespace) -> int:
-    from engine.diagram import mermaid, write_diagrams
+    from engine.cli.diagram import mermaid, write_diagrams
 
     if args.journal:
         from collections import Counter
 
         counts: Counter[tuple[str, str, str]] = Counter()
         before = "idle"
-        for step in _steps(args.journal, args.slot, None):
+        for step in read_steps(args.journal, args.slot, None):
             counts[(before, step.event.type, step.state.state)] += 1
             before = step.state.state
         text = mermaid(counts=counts)
@@ -100,7 +63,7 @@ def cmd_diagram(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Replay every slot and check the contract's invariants; 1 on a violation."""
-    from engine.postmortem import analyse
+    from engine.core.postmortem import analyse
 
     journal = Journal.open(args.journal, create=False)
     problems: list[str] = []
@@ -171,12 +134,12 @@ def _window(text: str | None) -> int | float | None:
 
 
 def cmd_postmortem(args: argparse.Namespace) -> int:
-    from engine.postmortem import analyse, render
+    from engine.core.postmortem import analyse, render
 
     if args.health_wait <= 0:
         raise argparse.ArgumentTypeError(f"--health-wait must be positive, not {args.health_wait}")
     since, until = _window(args.since), _window(args.until)
-    steps = _steps(args.journal, args.slot, None)
+    steps = read_steps(args.journal, args.slot, None)
     report = analyse(
         ((step.seq, step.event, step.state) for step in steps),
         args.slot,
@@ -192,7 +155,7 @@ def cmd_postmortem(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from engine.demo import run_demo, run_hub_demo
+    from engine.cli.demo import run_demo, run_hub_demo
 
     if args.hub is not None:
         return run_hub_demo(Path(args.dir), args.hub, args.variant)

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from transitions import Machine
 
-from engine.events import EVENT_TYPES
+from engine.core.events import EVENT_TYPES
 
 STATES: Final = (
     "idle",

@@ -18,9 +18,9 @@ from typing import Final
 
 from pydantic import ValidationError
 
-from engine import events as ev
+from engine.adapters.journal import ConcurrencyConflict, Journal
+from engine.core import events as ev
 from engine.effects import CancelToken
-from engine.journal import ConcurrencyConflict, Journal
 
 log = logging.getLogger("studio-engine")
 
@@ -28,7 +28,6 @@ log = logging.getLogger("studio-engine")
 ERROR_RETRY_S: Final = 600.0
 
 Key = tuple[str, str | None]  # (repo id casefolded, token fingerprint)
-
 
 
 class ProbeCache:

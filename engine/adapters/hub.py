@@ -13,7 +13,7 @@ huggingface_hub freezes most of it into constants when it is first imported.
   no request at all. Progress is reported per chunk (memory) and per file (journal); the
   cancel token is checked between files and at every chunk huggingface_hub hands over
   (10 MiB for plain HTTP downloads).
-* Variant: engine.variants picks the files; split GGUFs download every shard, run the first.
+* Variant: engine.core.variants picks the files; split GGUFs download every shard, run the first.
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ from typing import Any, Final, cast
 
 from pydantic import SecretStr
 
-from engine import events as ev
-from engine.effects import Cancelled, CancelToken, DownloadListener, StepFailed
-from engine.journal import Journal
-from engine.local_models import describe_model
-from engine.probe_cache import Key, ProbeCache
-from engine.request import token_fingerprint
-from engine.rules import HF_TOKEN_PATTERN
-from engine.variants import gguf_candidates, pick_mmproj, pick_variant
+from engine.adapters.journal import Journal
+from engine.adapters.local_models import describe_model
+from engine.adapters.probe_cache import Key, ProbeCache
+from engine.core import events as ev
+from engine.core.errors import StepFailed
+from engine.core.request import token_fingerprint
+from engine.core.rules import HF_TOKEN_PATTERN
+from engine.core.variants import gguf_candidates, pick_mmproj, pick_variant
+from engine.effects import Cancelled, CancelToken, DownloadListener
 
 log = logging.getLogger("studio-engine")
 
@@ -138,9 +139,7 @@ class Hub:
         if offline:
             probe = self.cache.cached(key) or self._probe_local(spec.model, key)
         else:
-            probe = self.cache.get(
-                key, lambda: self._probe_remote(spec.model, token, key), cancel
-            )
+            probe = self.cache.get(key, lambda: self._probe_remote(spec.model, token, key), cancel)
         if probe.error is not None:
             raise StepFailed(probe.error)
         assert probe.repo_id is not None and probe.commit is not None

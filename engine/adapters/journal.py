@@ -21,8 +21,8 @@ from pydantic import ValidationError
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-from engine.events import SCHEMA_VERSION, BaseEvent, Event, parse_event
-from engine.rules import HF_TOKEN_PATTERN
+from engine.core.events import SCHEMA_VERSION, BaseEvent, Event, parse_event
+from engine.core.rules import HF_TOKEN_PATTERN
 
 metadata = sa.MetaData()
 
@@ -50,7 +50,7 @@ snapshots_table = sa.Table(
     sa.Column("state", sa.Text, nullable=False),
 )
 
-# One row per managed slot: which engine holds it (see engine.lease).
+# One row per managed slot: which engine holds it (see engine.adapters.lease).
 leases_table = sa.Table(
     "leases",
     metadata,

@@ -6,8 +6,8 @@ first-class settings the engine manages come before them (FIELD-NOTES.md).
 
 from __future__ import annotations
 
-from engine.events import LoadSpec, ResolvedModel
-from engine.rules import flag_name, normal_speculative
+from engine.core.events import LoadSpec, ResolvedModel
+from engine.core.rules import flag_name, normal_speculative
 
 SPECULATIVE_FLAGS: dict[str, tuple[str, ...]] = {
     "default": ("--spec-default",),

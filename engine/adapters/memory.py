@@ -11,10 +11,10 @@ import contextlib
 
 import psutil
 
-from engine.admission import MIB, MemoryBudget
-from engine.gpu import NvmlProbe
-from engine.process import CREATE_TIME_SLACK
-from engine.state import ServerProcess
+from engine.adapters.gpu import NvmlProbe
+from engine.adapters.process import CREATE_TIME_SLACK
+from engine.core.admission import MIB, MemoryBudget
+from engine.core.state import ServerProcess
 
 
 def releasable_ram(process: ServerProcess | None) -> int:

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from engine.cli import print_timeline
-from engine.diagram import write_diagrams
+from engine.cli.diagram import write_diagrams
+from engine.cli.timeline import print_timeline
+from engine.cli.tiny_model import write_tiny_model
+from engine.core.request import LoadRequest, LoadResult
 from engine.effects import DownloadProgress, FileProgress
 from engine.orchestrator import Engine
-from engine.request import LoadRequest, LoadResult
-from engine.tiny_model import write_tiny_model
 
 
 def _say(step: str, detail: str = "") -> None:

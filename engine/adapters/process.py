@@ -18,8 +18,8 @@ from pathlib import Path
 
 import psutil
 
+from engine.core.state import ServerProcess
 from engine.effects import Exited
-from engine.state import ServerProcess
 
 MARKER_ENV = "STUDIO_ENGINE_MARKER"
 TAIL_LINES = 50

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from engine import events as ev
-from engine.state import SlotState
+from engine.core import events as ev
+from engine.core.state import SlotState
 
 HEALTH_WAIT_THRESHOLD_S: Final = 60.0
 PHASES: Final = ("resolve", "kill", "settle", "spawn", "warm")
@@ -445,7 +445,7 @@ def _args(args: list[str] | None, inherit: str = "inherit") -> str:
 
 def render(report: Report, journal: str, tail_lines: int = 10) -> str:
     """The human-readable postmortem (the `--json` form is `Report.to_json`)."""
-    from engine.timeline import clock, row
+    from engine.core.timeline import clock, row
 
     out = [
         f"postmortem of slot {report.slot!r} in {journal}: {report.events} events, "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.events import LoadSpec, ResolvedModel
+from engine.core.events import LoadSpec, ResolvedModel
 
 
 @dataclass(frozen=True, slots=True)

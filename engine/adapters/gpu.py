@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.events import SettleKind
+from engine.core.events import SettleKind
 
 Sample = list[tuple[int, int]]  # (gpu index, free MiB)
 Probe = Callable[[], Sample]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transitions import Machine
 
-from engine.machine import STATES, build_machine
+from engine.core.machine import STATES, build_machine
 
 MMD_NAME = "lifecycle.mmd"
 MD_NAME = "lifecycle.md"

@@ -29,8 +29,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from engine.journal import Journal, JournalError, leases_table
-from engine.process import CREATE_TIME_SLACK
+from engine.adapters.journal import Journal, JournalError, leases_table
+from engine.adapters.process import CREATE_TIME_SLACK
 
 log = logging.getLogger("studio-engine")
 
