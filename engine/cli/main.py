@@ -43,14 +43,10 @@ def cmd_diagram(args: argparse.Namespace) -> int:
     from engine.cli.diagram import mermaid, write_diagrams
 
     if args.journal:
-        from collections import Counter
+        from engine.cli.report import transition_counts
 
-        counts: Counter[tuple[str, str, str]] = Counter()
-        before = "idle"
-        for step in read_steps(args.journal, args.slot, None):
-            counts[(before, step.event.type, step.state.state)] += 1
-            before = step.state.state
-        text = mermaid(counts=counts)
+        steps = read_steps(args.journal, args.slot, None)
+        text = mermaid(counts=transition_counts((s.event.type, s.state.state) for s in steps))
     else:
         text = mermaid()
     if args.stdout:
@@ -147,7 +143,13 @@ def cmd_postmortem(args: argparse.Namespace) -> int:
         since=since,
         until=until,
     )
-    if args.json:
+    if args.html:
+        from engine.cli.report import render_html, transition_counts
+
+        counts = transition_counts((step.event.type, step.state.state) for step in steps)
+        Path(args.html).write_text(render_html(report, args.journal, counts))
+        print(f"wrote {args.html}")
+    elif args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
         print(render(report, args.journal), end="")
@@ -211,7 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="flag health waits longer than this many seconds (default: 60)",
     )
-    postmortem.add_argument("--json", action="store_true", help="one JSON document for tools")
+    output = postmortem.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON document for tools")
+    output.add_argument(
+        "--html", metavar="FILE", help="write a self-contained page: Gantt, incidents, machine"
+    )
     postmortem.set_defaults(func=cmd_postmortem)
 
     demo = sub.add_parser("demo", help="walk a real session against a real llama-server")

@@ -73,6 +73,7 @@ class LoadReport:
     log_tail: str | None = None
     ended_at: float | None = None
     phases: dict[str, float] = field(default_factory=dict)
+    spans: list[tuple[str, float, float]] = field(default_factory=list)  # (phase, start, end)
 
     @property
     def total_s(self) -> float | None:
@@ -197,6 +198,7 @@ class _Analysis:
         start = self.opened.pop((load.load_id, phase), None)
         if start is not None:
             load.phases[phase] = load.phases.get(phase, 0.0) + at - start
+            load.spans.append((phase, start, at))
 
     def step(self, seq: int, before: SlotState, event: ev.Event, after: SlotState) -> None:
         at = event.at
