@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from pydantic import SecretStr
 
 from engine import steps
 from engine.adapters.binary import locate_server
+from engine.adapters.feed import Feed, FeedEvent
 from engine.adapters.journal import Journal
 from engine.adapters.lease import LEASE_TTL_S, Lease
 from engine.adapters.local_models import locate_model_file
@@ -329,6 +330,23 @@ class Engine:
         with self._state_lock:
             for flight in self._flights:
                 flight.token.cancel(reason)
+
+    def events(self, since: int = 0, *, follow: bool = True) -> Iterator[FeedEvent]:
+        """The slot's journaled events after `since` (a journal seq), read from the journal, so
+        a reader sees what any process appended. With `follow` it blocks for new ones until
+        the engine closes or the caller stops iterating."""
+        feed = Feed(self.journal, since=since, stream=self.slot)
+        if not follow:
+            yield from feed.poll()
+            return
+        yield from feed.follow(self._stop)
+
+    async def aevents(self, since: int = 0) -> AsyncIterator[FeedEvent]:
+        """`events` for asyncio: follows until the engine closes."""
+        feed = Feed(self.journal, since=since, stream=self.slot)
+        events = feed.follow(self._stop)
+        while (item := await asyncio.to_thread(next, events, None)) is not None:
+            yield item
 
     async def aload(self, request: LoadRequest | dict[str, Any]) -> LoadResult:
         return await asyncio.to_thread(self.load, request)

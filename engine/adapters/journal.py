@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -67,6 +68,7 @@ leases_table = sa.Table(
 
 # Alembic revisions this engine knows, oldest first; a unit test checks them against migrations/.
 KNOWN_REVISIONS: Final = ("0001", "0002")
+FEED_CHANNEL: Final = "studio_engine_events"  # PostgreSQL NOTIFY channel: a commit happened
 SNAPSHOTS_KEPT: Final = 2  # the newest is the one used; one more in case it is unreadable
 HEAD_REVISION: Final = KNOWN_REVISIONS[-1]
 
@@ -137,6 +139,7 @@ class Journal:
         self._write_lock = threading.Lock()
         self._writer: Connection | None = None
         self._insert = events_table.insert()
+        self.append_observers: list[Callable[[float], None]] = []  # seconds per append (metrics)
 
     # --- opening ------------------------------------------------------------------------
 
@@ -238,6 +241,7 @@ class Journal:
             )
         if not rows:
             return
+        started = time.perf_counter()
         with self._write_lock:
             conn = self._writer_connection()
             try:
@@ -245,11 +249,15 @@ class Journal:
                     conn.execute(self._insert, rows)
                     if snapshot is not None:
                         self._write_snapshot(conn, stream, *snapshot)
+                    if not self.is_sqlite:  # delivered at commit: wakes `studio-engine tail -f`
+                        conn.execute(sa.text(f"NOTIFY {FEED_CHANNEL}"))
             except IntegrityError as exc:
                 raise ConcurrencyConflict(
                     f"stream {stream!r} moved past version {expected_version} "
                     "(another writer appended first)"
                 ) from exc
+        for observe in self.append_observers:
+            observe(time.perf_counter() - started)
 
     def save_snapshot(self, stream: str, version: int, at: float, state: str) -> None:
         """Store a snapshot on its own (after an open that replayed a long tail)."""
@@ -324,6 +332,28 @@ class Journal:
         with self.engine.connect() as conn:
             result = conn.execution_options(yield_per=2000).execute(sa.text(sql), params)
             yield from result
+
+    def read_since(
+        self, seq: int, *, stream: str | None = None, limit: int = 1000
+    ) -> list[tuple[int, str, int, float, str, str]]:
+        """(seq, stream, version, at, type, payload) of the rows after `seq`, in seq order:
+        every stream (or one), for followers of the journal (the event feed)."""
+        sql = "SELECT seq, stream, version, at, type, payload FROM events WHERE seq > :seq"
+        params: dict[str, Any] = {"seq": seq, "limit": limit}
+        if stream is not None:
+            sql += " AND stream = :stream"
+            params["stream"] = stream
+        sql += " ORDER BY seq LIMIT :limit"
+        with self.engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(sa.text(sql), params)]
+
+    def seq_before_last(self, count: int, *, stream: str | None = None) -> int:
+        """The seq after which the last `count` events (of `stream`, or of all) lie."""
+        where = "WHERE stream = :stream " if stream is not None else ""
+        sql = f"SELECT seq FROM events {where}ORDER BY seq DESC LIMIT 1 OFFSET :count"
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.text(sql), {"stream": stream, "count": count}).scalar()
+        return int(value or 0)
 
     def read(self, stream: str, **bounds: Any) -> Iterator[Recorded]:
         """Decoded events; a garbage payload or an event from a newer schema names its seq."""

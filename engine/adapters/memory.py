@@ -30,6 +30,23 @@ def releasable_ram(process: ServerProcess | None) -> int:
     return max(int(info.rss) - int(getattr(info, "shared", 0)), 0)
 
 
+def server_memory(vram: NvmlProbe, process: ServerProcess | None) -> dict[str, int]:
+    """What a live server holds now: resident memory (RSS) and the VRAM NVML attributes to it."""
+    if process is None or not process.pid:
+        return {}
+    try:
+        live = psutil.Process(process.pid)
+        if abs(live.create_time() - process.create_time) > CREATE_TIME_SLACK:
+            return {}  # the pid was reused: not our server
+        rss = int(live.memory_info().rss)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return {}
+    vram_bytes = 0
+    with contextlib.suppress(Exception):  # a failing driver counts as no GPU
+        vram_bytes = vram.used_by(process.pid)
+    return {"rss": rss, "vram": vram_bytes}
+
+
 def memory_budget(vram: NvmlProbe, process: ServerProcess | None) -> MemoryBudget:
     free_vram = 0
     with contextlib.suppress(Exception):  # a failing driver counts as no GPU: RAM only

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from engine.adapters.binary import ServerBinaryError
 from engine.adapters.journal import Journal, JournalError
-from engine.cli.timeline import parse_until, print_timeline, read_steps
+from engine.cli.timeline import parse_until, print_timeline, read_steps, tail
 from engine.core.events import Event, is_slot_stream
 from engine.core.snapshot import SnapshotError
 from engine.core.snapshot import decode as decode_snapshot
@@ -36,6 +36,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
             )
         return 0
     print_timeline(args.journal, args.slot, parse_until(args.until))
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    if args.lines < 0:
+        raise argparse.ArgumentTypeError(f"--lines must be >= 0, not {args.lines}")
+    tail(args.journal, slot=args.slot, lines=args.lines, follow=args.follow, as_json=args.json)
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from engine.metrics import JournalMetrics
+
+    journal = Journal.open(args.journal, create=False)
+    try:
+        sys.stdout.write(JournalMetrics(journal).render().decode())
+    finally:
+        journal.close()
     return 0
 
 
@@ -186,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--until", help="stop after this sequence number or ISO time")
     replay.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     replay.set_defaults(func=cmd_replay)
+
+    tail = sub.add_parser("tail", help="print the newest events; -f: as they are appended")
+    tail.add_argument("journal", help="journal file path or SQLAlchemy URL")
+    tail.add_argument("-f", "--follow", action="store_true", help="wait for new events")
+    tail.add_argument("--slot", help="only this slot (default: every stream)")
+    tail.add_argument("-n", "--lines", type=int, default=10, help="events to show first")
+    tail.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    tail.set_defaults(func=cmd_tail)
+
+    metrics = sub.add_parser("metrics", help="the journal's Prometheus metrics, once")
+    metrics.add_argument("journal", help="journal file path or SQLAlchemy URL")
+    metrics.set_defaults(func=cmd_metrics)
 
     diagram = sub.add_parser("diagram", help="write the machine as Mermaid (.mmd and .md)")
     diagram.add_argument("--out", default="diagrams", help="output folder (default: diagrams/)")

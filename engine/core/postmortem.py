@@ -26,14 +26,14 @@ VIOLATIONS: Final = frozenset(
 )
 
 # event type -> (phase it opens, phase it closes)
-_OPENS: Final = {
+PHASE_OPENS: Final = {
     "load_requested": "resolve",
     "kill_started": "kill",
     "settle_started": "settle",
     "spawn_started": "spawn",
     "spawned": "warm",
 }
-_CLOSES: Final = {
+PHASE_CLOSES: Final = {
     "model_resolved": "resolve",
     "load_abandoned": "resolve",
     "process_exited": "kill",
@@ -215,10 +215,10 @@ class _Analysis:
         if load_id is None:
             return
         load = self.loads.get(load_id)
-        closes = _CLOSES.get(event.type)
+        closes = PHASE_CLOSES.get(event.type)
         if closes is not None and load is not None:
             self._close(load, closes, at)
-        opens = _OPENS.get(event.type)
+        opens = PHASE_OPENS.get(event.type)
         if opens is not None:
             self.opened[(load_id, opens)] = at
 
