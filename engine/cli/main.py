@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -54,6 +55,44 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         sys.stdout.write(JournalMetrics(journal).render().decode())
     finally:
         journal.close()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from engine.catalog import build_catalog
+    from engine.core.rules import InvalidRequest
+    from engine.orchestrator import Engine
+    from engine.service import EngineBackend, create_app, is_loopback
+
+    key = os.environ.get("STUDIO_ENGINE_CONTROL_KEY")
+    if args.control_key_file:
+        key = Path(args.control_key_file).read_text().strip()
+    if not is_loopback(args.host) and not key:
+        raise argparse.ArgumentTypeError(
+            f"--host {args.host} is reachable from other machines: set a control key "
+            "(--control-key-file FILE or $STUDIO_ENGINE_CONTROL_KEY)"
+        )
+    try:
+        catalog = build_catalog(
+            Path(args.preset) if args.preset else None,
+            Path(args.models_dir) if args.models_dir else None,
+        )
+    except InvalidRequest as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    engine = Engine.open(args.journal, llama_server=args.llama_server)
+    backend = EngineBackend(engine, catalog)
+    try:
+        app = create_app(backend, control_key=key or None)
+        print(f"studio-engine: serving {len(catalog)} model(s) on http://{args.host}:{args.port}")
+        sys.stdout.flush()
+        # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the previous handler:
+        # make that a clean exit, so the engine below still stops its servers.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        backend.close()
     return 0
 
 
@@ -216,6 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     metrics = sub.add_parser("metrics", help="the journal's Prometheus metrics, once")
     metrics.add_argument("journal", help="journal file path or SQLAlchemy URL")
     metrics.set_defaults(func=cmd_metrics)
+
+    serve = sub.add_parser(
+        "serve", help="HTTP: llama.cpp router-compatible /models, OpenAI /v1/*, /metrics, SSE"
+    )
+    serve.add_argument("journal", help="journal file path or SQLAlchemy URL")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--models-dir", help="offer every .gguf file in this folder")
+    serve.add_argument("--preset", help="TOML (or .ini) file of named load requests")
+    serve.add_argument("--control-key-file", help="file holding the key clients must send")
+    serve.add_argument("--llama-server", help="the llama-server binary (default: found)")
+    serve.set_defaults(func=cmd_serve)
 
     diagram = sub.add_parser("diagram", help="write the machine as Mermaid (.mmd and .md)")
     diagram.add_argument("--out", default="diagrams", help="output folder (default: diagrams/)")

@@ -158,6 +158,7 @@ def test_the_folders_hold_what_the_readme_says() -> None:
     assert top == {
         "engine.__main__",
         "engine.adapters",
+        "engine.catalog",
         "engine.cli",
         "engine.core",
         "engine.effects",
@@ -165,6 +166,7 @@ def test_the_folders_hold_what_the_readme_says() -> None:
         "engine.orchestrator",
         "engine.recovery",
         "engine.replay",
+        "engine.service",
         "engine.steps",
     }
 

@@ -1,0 +1,384 @@
+"""`studio-engine serve`: an HTTP service over the engine.
+
+* Control, compatible with llama.cpp's router mode (its clients work unchanged):
+  `GET /models`, `POST /models/load {"model"}`, `POST /models/unload {"model"}`,
+  `GET /models/sse` (status changes as server-sent events).
+* OpenAI-compatible routing: `/v1/models`, `/v1/chat/completions`, `/v1/completions`,
+  `/v1/embeddings` go to the server of the request's `model`, loaded on demand; responses,
+  streamed ones included, pass through without buffering, and the model is held in use for
+  the whole request (no idle unload, no swap under it).
+* `GET /metrics` (Prometheus), `GET /events` (every journal event, server-sent), `GET /health`.
+
+The service holds no state of its own beyond the open engines: statuses come from them and
+events and metrics from the journal, so any number of readers can watch one journal.
+A control key (`Authorization: Bearer KEY`) is required for everything but `/health` when one
+is set, and must be set to bind anything but loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from engine.adapters.feed import Feed
+from engine.adapters.journal import Journal
+from engine.catalog import Preset
+from engine.core.events import is_slot_stream
+from engine.core.request import LoadResult, Status
+from engine.core.rules import InvalidRequest
+from engine.metrics import JournalMetrics
+from engine.orchestrator import Engine
+
+log = logging.getLogger("studio-engine.service")
+
+PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+_HOP_HEADERS = frozenset({"connection", "content-length", "transfer-encoding", "keep-alive"})
+
+
+class ModelUnavailable(RuntimeError):
+    """The model could not be loaded for a request (the load's own error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    value: str  # llama.cpp router's status.value: loaded / loading / unloaded / failed
+    status: Status | None = None  # the slot serving (or failing) this model, if any
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where a loaded model's server answers."""
+
+    base_url: str
+    headers: dict[str, str]
+
+
+class Backend(Protocol):
+    """What the service needs from whatever runs the servers (one engine, or a node)."""
+
+    journal: Journal
+
+    def models(self) -> dict[str, ModelInfo]: ...
+
+    def load(self, name: str) -> LoadResult: ...
+
+    def unload(self, name: str) -> None: ...
+
+    def acquire(self, name: str) -> tuple[Upstream, Callable[[], None]]:
+        """Load `name` if it is not serving, hold it in use; returns where it answers and
+        the release function. Raises ModelUnavailable."""
+        ...
+
+    def servers(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+def router_status(status: Status | None, serving: bool) -> str:
+    """llama.cpp router's status.value: loaded / loading / unloaded / failed."""
+    if status is None:
+        return "unloaded"
+    if status.loading is not None and status.state not in ("ready", "idle", "failed", "crashed"):
+        return "loading"
+    if serving and status.state == "ready":
+        return "loaded"
+    if serving and status.state in ("failed", "crashed"):
+        return "failed"
+    return "unloaded"
+
+
+def upstream_of(status: Status) -> Upstream:
+    assert status.port is not None
+    return Upstream(f"http://127.0.0.1:{status.port}", {})
+
+
+class EngineBackend:
+    """One engine, one server at a time: a request for another model swaps the server once
+    the requests using the current one have finished (llama-swap's single-model mode)."""
+
+    def __init__(self, engine: Engine, catalog: dict[str, Preset]) -> None:
+        self.engine = engine
+        self.journal = engine.journal
+        self.catalog = catalog
+        self._current: str | None = None  # the name whose server is serving
+        self._refused: dict[str, str] = {}  # name -> why its preset was refused
+        self._in_use = 0
+        self._changed = threading.Condition()
+
+    def _serving(self, name: str) -> bool:
+        status = self.engine.status()
+        return self._current == name and status.state == "ready"
+
+    def models(self) -> dict[str, ModelInfo]:
+        status = self.engine.status()
+        models = {}
+        for name in self.catalog:
+            if name == self._current:
+                value = router_status(status, True)
+                error = status.last_error if value == "failed" else None
+                models[name] = ModelInfo(value, status, error)
+            elif name in self._refused:
+                models[name] = ModelInfo("failed", None, self._refused[name])
+            else:
+                models[name] = ModelInfo("unloaded")
+        return models
+
+    def load(self, name: str) -> LoadResult:
+        with self._changed:
+            while self._in_use and self._current != name:
+                self._changed.wait()  # never swap a model out from under a request
+            try:
+                result = self.engine.load(self.catalog[name].request)
+            except InvalidRequest as refused:
+                self._refused[name] = str(refused)
+                raise
+            self._refused.pop(name, None)
+            if result.ok:
+                self._current = name
+            elif result.status == "failed":
+                self._current = name  # its failure is what GET /models shows
+            return result
+
+    def unload(self, name: str) -> None:
+        with self._changed:
+            if self._current != name:
+                return
+            while self._in_use:
+                self._changed.wait()
+            self.engine.unload()
+            self._current = None
+
+    def acquire(self, name: str) -> tuple[Upstream, Callable[[], None]]:
+        with self._changed:
+            if not self._serving(name):
+                try:
+                    result = self.load(name)
+                except InvalidRequest as refused:  # a preset the policy refuses
+                    raise ModelUnavailable(str(refused)) from None
+                if not result.ok:
+                    raise ModelUnavailable(result.error or result.status)
+            self._in_use += 1
+            upstream = upstream_of(self.engine.status())
+
+        def release() -> None:
+            with self._changed:
+                self._in_use -= 1
+                self._changed.notify_all()
+
+        return upstream, release
+
+    def servers(self) -> dict[str, Any]:
+        return {self.engine.slot: self.engine.state.process}
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _load_quietly(backend: Backend, name: str) -> None:
+    """A background load: its outcome is journaled and shown by GET /models, not raised."""
+    try:
+        backend.load(name)
+    except InvalidRequest as refused:
+        log.warning("model %r refused: %s", name, refused)
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"code": status, "message": message, "type": kind}}, status)
+
+
+def _sse(event: str, data: Any, event_id: int | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def create_app(
+    backend: Backend, *, control_key: str | None = None, poll_s: float = 0.1
+) -> Starlette:
+    metrics = JournalMetrics(backend.journal, servers=backend.servers)
+    client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0), trust_env=False)
+
+    def model_list() -> list[dict[str, Any]]:
+        entries = []
+        for name, info in backend.models().items():
+            args = list(info.status.extra_args) if info.status is not None else []
+            status: dict[str, Any] = {"value": info.value, "args": args}
+            status["failed"] = info.value == "failed"
+            if info.error:
+                status["error"] = info.error
+            entries.append(
+                {"id": name, "object": "model", "owned_by": "studio-engine", "created": 0,
+                 "status": status}
+            )  # fmt: skip
+        return entries
+
+    async def health(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def models(_: Request) -> Response:
+        return JSONResponse({"object": "list", "data": await asyncio.to_thread(model_list)})
+
+    async def named_model(request: Request) -> str | Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "the body must be JSON with a 'model' field")
+        name = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name:
+            return _error(400, "'model' (a model name from GET /models) is required")
+        if name not in backend.models():
+            return _error(404, f"model {name!r} is not offered here (see GET /models)")
+        return name
+
+    async def load(request: Request) -> Response:
+        name = await named_model(request)
+        if isinstance(name, Response):
+            return name
+        # Like llama.cpp's router: answer at once, load in the background; watch GET /models.
+        asyncio.get_running_loop().run_in_executor(None, _load_quietly, backend, name)
+        return JSONResponse({"success": True})
+
+    async def unload(request: Request) -> Response:
+        name = await named_model(request)
+        if isinstance(name, Response):
+            return name
+        await asyncio.to_thread(backend.unload, name)
+        return JSONResponse({"success": True})
+
+    async def metrics_endpoint(_: Request) -> Response:
+        body = await asyncio.to_thread(metrics.render)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def follow(since: int) -> AsyncIterator[Any]:
+        feed = Feed(backend.journal, since=since, poll_s=poll_s)
+        async for item in feed.afollow():
+            yield item
+
+    async def events(request: Request) -> Response:
+        since = request.query_params.get("since", "0")
+        if not since.isascii() or not since.isdigit():
+            return _error(400, f"since must be a journal sequence number, not {since!r}")
+
+        async def stream() -> AsyncIterator[bytes]:
+            async for item in follow(int(since)):
+                data = {"stream": item.stream, "event": item.event.model_dump(mode="json")}
+                yield _sse(item.event.type, data, item.seq)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    async def models_sse(_: Request) -> Response:
+        async def stream() -> AsyncIterator[bytes]:
+            last: dict[str, str] = {}
+            for entry in await asyncio.to_thread(model_list):
+                last[entry["id"]] = entry["status"]["value"]
+                yield _sse("model", entry)
+            start = await asyncio.to_thread(backend.journal.seq_before_last, 0)
+            async for item in follow(start):
+                if not is_slot_stream(item.stream):
+                    continue
+                for entry in await asyncio.to_thread(model_list):
+                    value = entry["status"]["value"]
+                    if last.get(entry["id"]) != value:
+                        last[entry["id"]] = value
+                        yield _sse("model", entry, item.seq)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    async def proxy(request: Request) -> Response:
+        body = await request.body()
+        try:
+            name = json.loads(body).get("model")
+        except (ValueError, AttributeError):
+            return _error(400, "the body must be a JSON object with a 'model' field")
+        if not isinstance(name, str) or name not in backend.models():
+            return _error(404, f"model {name!r} is not offered here (see GET /v1/models)")
+        try:
+            upstream, release = await asyncio.to_thread(backend.acquire, name)
+        except ModelUnavailable as exc:
+            return _error(503, f"model {name!r} could not be loaded: {exc}", "server_error")
+        try:
+            outgoing = client.build_request(
+                "POST",
+                upstream.base_url + request.url.path,
+                content=body,
+                headers={"content-type": "application/json", **upstream.headers},
+            )
+            answer = await client.send(outgoing, stream=True)
+        except BaseException:
+            release()
+            raise
+
+        async def done() -> None:
+            await answer.aclose()
+            release()
+
+        headers = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_HEADERS}
+        return StreamingResponse(
+            answer.aiter_raw(), answer.status_code, headers, background=BackgroundTask(done)
+        )
+
+    async def v1_models(_: Request) -> Response:
+        return JSONResponse({"object": "list", "data": await asyncio.to_thread(model_list)})
+
+    routes = [
+        Route("/health", health),
+        Route("/models", models),
+        Route("/models/load", load, methods=["POST"]),
+        Route("/models/unload", unload, methods=["POST"]),
+        Route("/models/sse", models_sse),
+        Route("/metrics", metrics_endpoint),
+        Route("/events", events),
+        Route("/v1/models", v1_models),
+        *(Route(path, proxy, methods=["POST"]) for path in PROXIED),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        await client.aclose()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    if control_key is not None:
+        app.add_middleware(_ControlKey, key=control_key)
+    return app
+
+
+class _ControlKey:
+    """Every request but /health carries `Authorization: Bearer <control key>`."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await _error(401, "missing or wrong control key (Authorization: Bearer ...)")(
+                    scope, receive, send
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
