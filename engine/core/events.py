@@ -350,3 +350,78 @@ class HubProbed(BaseEvent):
 
 
 HUB_PROBED_ADAPTER: TypeAdapter[HubProbed] = TypeAdapter(HubProbed)
+
+
+# --- the node: several slots on one host, its own stream ------------------------------------
+
+# Admission across slots, evictions, measured memory and pins of an `engine.Node`. Like the
+# hub probes these are engine records, not machine triggers: the node state folds them
+# (engine.core.eviction.evolve_node), the slot machines never see them.
+NODE_STREAM = "@node"
+
+EvictionCause = Literal["capacity", "memory", "ttl", "manual"]
+
+
+class NodeAdmission(BaseEvent):
+    """A slot's load asked the node for room: the figures and the verdict."""
+
+    type: Literal["node_admission"] = "node_admission"
+    slot: str
+    need_bytes: int
+    need_source: Literal["planned", "measured"]  # measured: this model ran here before
+    free_bytes: int  # free VRAM + available RAM now, plus what the slot's own server releases
+    used_bytes: int  # what the node's other servers hold (measured, else planned)
+    limit_bytes: int | None = None
+    servers: int  # the node's other servers at decision time
+    max_servers: int | None = None
+    verdict: Literal["fits", "refused", "forced"]
+    evicted: tuple[str, ...] = ()
+    waited_s: float = 0.0
+    error: str | None = None
+
+
+class Evicted(BaseEvent):
+    """A server stopped by the node, journaled before it is stopped."""
+
+    type: Literal["evicted"] = "evicted"
+    slot: str
+    cause: EvictionCause
+    idle_s: float
+    freed_bytes: int  # what it held: measured, else planned
+    pid: int | None = None
+    for_slot: str | None = None  # what needed the room (capacity, memory)
+    for_load_id: str | None = None
+
+
+class ServerMeasured(BaseEvent):
+    """What a ready server actually uses (RSS + VRAM NVML attributes to its pid)."""
+
+    type: Literal["server_measured"] = "server_measured"
+    slot: str
+    pid: int
+    spec: LoadSpec  # what to reload on restore
+    need_key: str  # the launch this figure stands for (model, context, cache, extra args)
+    planned_bytes: int
+    rss_bytes: int
+    vram_bytes: int
+    ttl_s: float | None = None
+
+    @property
+    def measured_bytes(self) -> int:
+        return self.rss_bytes + self.vram_bytes
+
+
+class SlotPinned(BaseEvent):
+    type: Literal["slot_pinned"] = "slot_pinned"
+    slot: str
+    pinned: bool
+
+
+NodeEvent = Annotated[
+    NodeAdmission | Evicted | ServerMeasured | SlotPinned, Field(discriminator="type")
+]
+NODE_EVENT_ADAPTER: TypeAdapter[NodeEvent] = TypeAdapter(NodeEvent)
+
+
+def parse_node_event(payload: str | bytes) -> NodeEvent:
+    return NODE_EVENT_ADAPTER.validate_json(payload)
