@@ -78,9 +78,7 @@ def test_a_third_server_evicts_the_least_recently_used_idle_one(
     assert status.slots["a"].measured and status.slots["a"].held_bytes == 100 * MIB
 
 
-def test_a_pinned_slot_is_never_evicted(
-    node: Node, models: list[str], journal_path: Path
-) -> None:
+def test_a_pinned_slot_is_never_evicted(node: Node, models: list[str], journal_path: Path) -> None:
     node.load("a", {"model_path": models[0]})
     node.load("b", {"model_path": models[1]})
     node.pin("a")  # the least recently used, but pinned
@@ -130,9 +128,7 @@ def test_wait_for_capacity_waits_for_the_server_in_use(
         assert admission.evicted == ("a",) and admission.waited_s >= 0.2
 
 
-def test_in_use_is_refused_while_the_slot_is_being_evicted(
-    node: Node, models: list[str]
-) -> None:
+def test_in_use_is_refused_while_the_slot_is_being_evicted(node: Node, models: list[str]) -> None:
     node.load("a", {"model_path": models[0]})
     engine = node.slot("a")
     assert engine.claim_idle()
