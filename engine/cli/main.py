@@ -7,13 +7,15 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 from engine.adapters.binary import ServerBinaryError
 from engine.adapters.journal import Journal, JournalError
 from engine.cli.timeline import parse_until, print_timeline, read_steps
-from engine.core.events import Event, is_slot_stream
+from engine.core.events import Event, NodeEvent, is_slot_stream
+from engine.core.postmortem import NodeReport
 from engine.core.snapshot import SnapshotError
 from engine.core.snapshot import decode as decode_snapshot
 from engine.core.state import SlotState
@@ -65,6 +67,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problems: list[str] = []
     try:
         streams = [s for s in journal.streams() if is_slot_stream(s)]  # not @hub-probes
+        node = _node_report(journal)
+        if node.events:
+            problems += [f"@node: event #{a.seq}: {a.kind}: {a.message}" for a in node.violations]
+            print(
+                f"node: {node.events} events, {len(node.evictions)} evictions, "
+                f"{len(node.violations)} violations"
+            )
         for stream in streams:
             snapshots = {version: text for version, _, _, text in journal.snapshots(stream)}
             report = analyse(_checked_records(journal, stream, snapshots, problems), stream)
@@ -112,6 +121,22 @@ def _check_snapshot(stream: str, step: Step, text: str, problems: list[str]) -> 
         )
 
 
+def _node_report(journal: Journal) -> NodeReport:
+    """The @node stream analysed (empty without a Node); a garbage row names its seq."""
+    from engine.adapters.journal import CorruptJournal
+    from engine.core.events import NODE_STREAM, parse_node_event
+    from engine.core.postmortem import analyse_node
+
+    def records() -> Iterator[tuple[int, NodeEvent]]:
+        for seq, _version, _at, type_, payload in journal.read_rows(NODE_STREAM):
+            try:
+                yield seq, parse_node_event(payload)
+            except ValueError as exc:
+                raise CorruptJournal(seq, f"unreadable {type_!r} node event: {exc}") from exc
+
+    return analyse_node(records())
+
+
 def _window(text: str | None) -> int | float | None:
     """A --since/--until bound: a sequence number, or an ISO time (UTC unless it says)."""
     if text is None:
@@ -135,6 +160,19 @@ def cmd_postmortem(args: argparse.Namespace) -> int:
     if args.health_wait <= 0:
         raise argparse.ArgumentTypeError(f"--health-wait must be positive, not {args.health_wait}")
     since, until = _window(args.since), _window(args.until)
+    journal = Journal.open(args.journal, create=False)
+    try:
+        node = _node_report(journal)
+    finally:
+        journal.close()
+    if args.slot == "@node":  # the node: every eviction and why, refusals
+        if args.json:
+            print(json.dumps(node.to_json(), indent=2))
+        else:
+            from engine.core.postmortem import render_node
+
+            print(render_node(node, args.journal), end="")
+        return 0
     steps = read_steps(args.journal, args.slot, None)
     report = analyse(
         ((step.seq, step.event, step.state) for step in steps),
@@ -150,9 +188,14 @@ def cmd_postmortem(args: argparse.Namespace) -> int:
         Path(args.html).write_text(render_html(report, args.journal, counts))
         print(f"wrote {args.html}")
     elif args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        evictions = [asdict(e) for e in node.evictions_of(args.slot)]
+        print(json.dumps({**report.to_json(), "evictions": evictions}, indent=2))
     else:
         print(render(report, args.journal), end="")
+        if node.evictions_of(args.slot):  # why was this slot's server evicted
+            from engine.core.postmortem import render_evictions
+
+            print("\n" + render_evictions(node, args.slot), end="")
     return 0
 
 
@@ -201,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_verify)
 
     postmortem = sub.add_parser(
-        "postmortem", help="phases, failures, recoveries and anomalies of a slot's history"
+        "postmortem",
+        help="phases, failures, recoveries and anomalies of a slot's history "
+        "(--slot @node: the node's evictions and why)",
     )
     postmortem.add_argument("journal", help="journal file path or SQLAlchemy URL")
     postmortem.add_argument("--slot", default="default")

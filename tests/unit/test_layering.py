@@ -161,6 +161,7 @@ def test_the_folders_hold_what_the_readme_says() -> None:
         "engine.cli",
         "engine.core",
         "engine.effects",
+        "engine.node",
         "engine.orchestrator",
         "engine.recovery",
         "engine.replay",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -215,3 +216,50 @@ def test_bad_names_and_options_are_clear_errors(
         node.load("a", {"model_path": models[0]}, ttl=0)
     with pytest.raises(ValueError, match="max_servers"):
         open_node(journal_path.with_name("other.db"), effects, max_servers=0)
+
+
+def test_postmortem_says_why_a_server_was_evicted(
+    node: Node,
+    models: list[str],
+    journal_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from engine.cli.main import main
+
+    node.load("a", {"model_path": models[0]})
+    node.load("b", {"model_path": models[1]})
+    node.touch("a")
+    third = node.load("c", {"model_path": models[2]})
+    capsys.readouterr()
+    assert main(["postmortem", str(journal_path), "--slot", "b"]) == 0
+    text = capsys.readouterr().out
+    assert "EVICTIONS (1)" in text
+    assert f"max_servers: made room for load {third.load_id} on slot 'c'" in text
+    assert "least recently used idle server (idle" in text and "held 100 MiB" in text
+    assert models[2] in text  # the model that needed the room
+    assert main(["postmortem", str(journal_path), "--slot", "@node", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(e["slot"], e["cause"]) for e in report["evictions"]] == [("b", "capacity")]
+    assert report["evictions"][0]["for_need_bytes"] == 512 * MIB
+    assert main(["verify", str(journal_path)]) == 0
+
+
+def test_verify_fails_when_the_node_evicted_a_pinned_server(
+    journal_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.cli.main import main
+
+    journal = Journal.open(journal_path)
+    try:
+        journal.append(
+            ev.NODE_STREAM,
+            0,
+            [
+                ev.SlotPinned(at=1.0, slot="a", pinned=True),
+                ev.Evicted(at=2.0, slot="a", cause="memory", idle_s=1.0, freed_bytes=1),
+            ],
+        )
+    finally:
+        journal.close()
+    assert main(["verify", str(journal_path)]) == 1
+    assert "evicted_pinned" in capsys.readouterr().out
