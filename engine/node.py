@@ -39,6 +39,11 @@ log = logging.getLogger("studio-engine")
 
 WAIT_POLL_S: Final = 0.02  # how often a load waiting for capacity looks again
 TTL_CHECK_S: Final = 0.5
+CLAIM_RETRY_S: Final = 0.001
+# Ready servers are measured again this often; a figure that moved by more than
+# max(64 MiB, 10 %) is journaled (RSS grows as mmapped weights page in and the KV cache fills).
+RESAMPLE_S: Final = 30.0
+RESAMPLE_MIN_CHANGE: Final = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +384,13 @@ class Node:
         elif state.process is None and state.pending is None:
             with self._lock:
                 self._held.pop(name, None)
+        elif isinstance(event, ev.LoadAbandoned) and state.process is not None:
+            # The old server keeps serving: it holds what it was measured to hold, not the
+            # reservation the abandoned load was admitted with.
+            known = self._state.slot(name)
+            if known.pid == state.process.pid and known.measured_bytes is not None:
+                with self._lock:
+                    self._held[name] = _Held(known.measured_bytes, True, known.pid)
 
     def _measure(self, name: str, state: SlotState) -> None:
         process, serving = state.process, state.serving
@@ -387,6 +399,10 @@ class Node:
         use = self._host.measure(process)
         extra_args = serving.extra_args
         with self._lock:
+            engine = self._engines.get(name)
+            current = engine.state.process if engine is not None else process
+            if current is None or current.pid != process.pid:
+                return  # replaced or stopped meanwhile (a resample racing a load)
             self._held[name] = _Held(use.total, True, process.pid)
             ttl = self._ttls.get(name, self.default_ttl)
         self._append(
@@ -467,8 +483,9 @@ class Node:
                 )
                 if not waiting:
                     victims = self._claim(decision.evict)
-                    if victims is None:
-                        continue  # a victim got busy since the decision: decide again
+                    if victims is None:  # a victim got busy since the decision: decide again
+                        time.sleep(CLAIM_RETRY_S)
+                        continue
                     for engine, evicted in victims:
                         self._evict_claimed(engine, evicted, slot, load_id)
                     if decision.verdict != "refused":
@@ -560,11 +577,29 @@ class Node:
     # --- TTL ---------------------------------------------------------------------------------
 
     def _reap(self) -> None:
+        sampled = time.monotonic()
         while not self._stop.wait(TTL_CHECK_S):
             try:
                 self._expire_idle()
+                if time.monotonic() - sampled >= RESAMPLE_S:
+                    sampled = time.monotonic()
+                    self._resample()
             except Exception:  # a journal hiccup: the next round tries again
-                log.warning("node: TTL check failed", exc_info=True)
+                log.warning("node: TTL check or sampling failed", exc_info=True)
+
+    def _resample(self) -> None:
+        with self._lock:
+            engines = dict(self._engines)
+            held = dict(self._held)
+        for name, engine in engines.items():
+            state, mine = engine.state, held.get(name)
+            if state.state != "ready" or state.process is None or mine is None:
+                continue
+            if not mine.measured or mine.pid != state.process.pid:
+                continue
+            now = self._host.measure(state.process).total
+            if abs(now - mine.bytes) > max(RESAMPLE_MIN_CHANGE, mine.bytes // 10):
+                self._measure(name, state)
 
     def _expire_idle(self) -> None:
         with self._lock:

@@ -263,3 +263,24 @@ def test_verify_fails_when_the_node_evicted_a_pinned_server(
         journal.close()
     assert main(["verify", str(journal_path)]) == 1
     assert "evicted_pinned" in capsys.readouterr().out
+
+
+def test_a_ready_server_is_measured_again_when_its_memory_grows(
+    journal_path: Path,
+    models: list[str],
+    effects: FakeEffects,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("engine.node.RESAMPLE_S", 0.0)
+    with open_node(journal_path, effects) as node:
+        node.load("a", {"model_path": models[0]})
+        pid = node.slot("a").status().pid
+        assert pid is not None
+        effects.rss[pid] = 105 * MIB  # within max(64 MiB, 10 %): not journaled again
+        time.sleep(1.2)
+        effects.rss[pid] = 400 * MIB
+        deadline = time.monotonic() + 5
+        while node.status().slots["a"].held_bytes != 400 * MIB and time.monotonic() < deadline:
+            time.sleep(0.05)
+    measured = [e.rss_bytes for e in node_events(journal_path) if isinstance(e, ev.ServerMeasured)]
+    assert measured == [100 * MIB, 400 * MIB]
