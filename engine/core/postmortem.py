@@ -527,7 +527,7 @@ class EvictionReport:
         if self.cause == "ttl":
             return f"its idle TTL expired ({held})"
         if self.cause == "manual":
-            return f"unloaded on request ({held})"
+            return f"stopped on request: unload or node close ({held})"
         need = (
             f", needing {self.for_need_bytes / (1 << 20):,.0f} MiB"
             if self.for_need_bytes is not None
