@@ -176,3 +176,23 @@ def test_reopen_adopts_live_servers_and_restore_reloads_killed_ones(
         assert all(node.slot(n).status().state == "ready" for n in ("chat", "embed"))
     finally:
         check_closed(node, journal)
+
+
+def test_measure_server_reads_rss_and_the_vram_nvml_attributes_to_the_pid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dataclasses import replace
+
+    from engine.adapters.gpu import NvmlProbe
+    from engine.adapters.memory import measure_server
+    from engine.core.state import ServerProcess
+
+    me = psutil.Process()
+    process = ServerProcess(os.getpid(), me.create_time(), 0, "load", "marker", "/dev/null")
+    probe = NvmlProbe()
+    monkeypatch.setattr(probe, "used_by", lambda pid: 300 * MIB if pid == os.getpid() else 0)
+    use = measure_server(probe, process)
+    assert use.vram_bytes == 300 * MIB
+    assert abs(use.rss_bytes - me.memory_info().rss) < 64 * MIB and use.rss_bytes > 0
+    reused = replace(process, create_time=process.create_time - 100)  # the pid is not ours
+    assert measure_server(probe, reused).total == 0
