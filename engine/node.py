@@ -416,6 +416,7 @@ class Node:
                 planned_bytes=eviction.planned_need(serving.model, serving.spec, extra_args),
                 rss_bytes=use.rss_bytes,
                 vram_bytes=use.vram_bytes,
+                vram_by_gpu=use.vram_by_gpu,
                 ttl_s=ttl,
             )
         )

@@ -54,7 +54,7 @@ def measure_server(vram: NvmlProbe, process: ServerProcess) -> MemoryUse:
         rss = int(live.memory_info().rss)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return MemoryUse(0, 0)
-    used_vram = 0
+    by_gpu: list[tuple[int, int]] = []
     with contextlib.suppress(Exception):  # no driver: a CPU-only server
-        used_vram = vram.used_by(process.pid)
-    return MemoryUse(rss, used_vram)
+        by_gpu = vram.used_by_gpu(process.pid)
+    return MemoryUse(rss, sum(used for _, used in by_gpu), tuple(by_gpu))

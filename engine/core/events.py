@@ -404,6 +404,7 @@ class ServerMeasured(BaseEvent):
     planned_bytes: int
     rss_bytes: int
     vram_bytes: int
+    vram_by_gpu: tuple[tuple[int, int], ...] = ()  # (gpu index, bytes) NVML per process
     ttl_s: float | None = None
 
     @property

@@ -33,6 +33,7 @@ class MemoryUse:
 
     rss_bytes: int
     vram_bytes: int
+    vram_by_gpu: tuple[tuple[int, int], ...] = ()  # (gpu index, bytes)
 
     @property
     def total(self) -> int:

@@ -190,9 +190,11 @@ def test_measure_server_reads_rss_and_the_vram_nvml_attributes_to_the_pid(
     me = psutil.Process()
     process = ServerProcess(os.getpid(), me.create_time(), 0, "load", "marker", "/dev/null")
     probe = NvmlProbe()
-    monkeypatch.setattr(probe, "used_by", lambda pid: 300 * MIB if pid == os.getpid() else 0)
+    monkeypatch.setattr(
+        probe, "used_by_gpu", lambda pid: [(0, 100 * MIB), (1, 200 * MIB)] if pid else []
+    )
     use = measure_server(probe, process)
-    assert use.vram_bytes == 300 * MIB
+    assert use.vram_bytes == 300 * MIB and use.vram_by_gpu == ((0, 100 * MIB), (1, 200 * MIB))
     assert abs(use.rss_bytes - me.memory_info().rss) < 64 * MIB and use.rss_bytes > 0
     reused = replace(process, create_time=process.create_time - 100)  # the pid is not ours
     assert measure_server(probe, reused).total == 0
