@@ -44,6 +44,7 @@ CLAIM_RETRY_S: Final = 0.001
 # max(64 MiB, 10 %) is journaled (RSS grows as mmapped weights page in and the KV cache fills).
 RESAMPLE_S: Final = 30.0
 RESAMPLE_MIN_CHANGE: Final = 64 << 20
+USAGE_RECORD_S: Final = 10.0  # last-use times are journaled this often (when they changed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +204,7 @@ class Node:
         if self._reaper is not None:
             self._reaper.join()
         try:
+            self._record_usage()
             if not keep_servers:
                 for name in self.names():
                     self._evict_manually(name)
@@ -343,6 +345,9 @@ class Node:
             engine = Engine.open(self.journal, slot=name, run_dir=self._run_dir, **options)
             try:
                 engine.gate = self
+                used_at = self._state.slot(name).last_used_at
+                if used_at is not None:  # LRU order survives a restart
+                    engine.last_used = time.monotonic() - max(time.time() - used_at, 0.0)
                 engine.observe(lambda event, state: self._observed(name, event, state))
                 with self._lock:
                     self._engines[name] = engine
@@ -474,7 +479,7 @@ class Node:
                 )
                 residents = self._residents()
                 if not evict:  # every other server stays: counted, never a candidate
-                    residents = [replace(r, pinned=True) for r in residents]
+                    residents = [replace(r, kept=True) for r in residents]
                 decision = eviction.decide(slot, need, residents, capacity, force=spec.force)
                 waiting = (
                     evict
@@ -578,15 +583,31 @@ class Node:
     # --- TTL ---------------------------------------------------------------------------------
 
     def _reap(self) -> None:
-        sampled = time.monotonic()
+        sampled = recorded = time.monotonic()
         while not self._stop.wait(TTL_CHECK_S):
             try:
                 self._expire_idle()
                 if time.monotonic() - sampled >= RESAMPLE_S:
                     sampled = time.monotonic()
                     self._resample()
+                if time.monotonic() - recorded >= USAGE_RECORD_S:
+                    recorded = time.monotonic()
+                    self._record_usage()
             except Exception:  # a journal hiccup: the next round tries again
                 log.warning("node: TTL check or sampling failed", exc_info=True)
+
+    def _record_usage(self) -> None:
+        """Journal the slots whose last use moved since it was last journaled."""
+        with self._lock:
+            engines = dict(self._engines)
+        now_wall, now = time.time(), time.monotonic()
+        changed = []
+        for name, engine in sorted(engines.items()):
+            at = round(now_wall - (now - engine.last_used), 3)
+            if abs(at - (self._state.slot(name).last_used_at or 0.0)) > 0.01:
+                changed.append((name, at))
+        if changed:
+            self._append(ev.SlotsUsed(at=now_wall, used=tuple(changed)))
 
     def _resample(self) -> None:
         with self._lock:
@@ -630,12 +651,14 @@ class Node:
             spec = self._state.slot(name).spec
             if engine.state.state == "ready" or spec is None:
                 continue
-            restoring = _RestoreGate(self)
-            engine.gate = restoring
+            engine.gate = _RestoreGate(self)
             try:
                 result = self.load(name, _request_of(spec))
             finally:
                 engine.gate = self
+            used_at = self._state.slot(name).last_used_at or self._state.slot(name).ready_at
+            if used_at is not None:  # a restore is not a use: LRU order stays the journaled one
+                engine.last_used = time.monotonic() - max(time.time() - used_at, 0.0)
             if not result.ok:
                 log.warning("node: restore of slot %r failed: %s", name, result.error)
 

@@ -418,8 +418,16 @@ class SlotPinned(BaseEvent):
     pinned: bool
 
 
+class SlotsUsed(BaseEvent):
+    """When each slot's server was last used (wall clock): journaled every few seconds when
+    it changed, and at close, so LRU order and the restore order survive a restart."""
+
+    type: Literal["slots_used"] = "slots_used"
+    used: tuple[tuple[str, float], ...]
+
+
 NodeEvent = Annotated[
-    NodeAdmission | Evicted | ServerMeasured | SlotPinned, Field(discriminator="type")
+    NodeAdmission | Evicted | ServerMeasured | SlotPinned | SlotsUsed, Field(discriminator="type")
 ]
 NODE_EVENT_ADAPTER: TypeAdapter[NodeEvent] = TypeAdapter(NodeEvent)
 

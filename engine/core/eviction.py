@@ -51,10 +51,11 @@ class Resident:
     pinned: bool = False
     in_use: bool = False
     busy: bool = False  # a load or unload in flight on that slot: not idle
+    kept: bool = False  # this decision may not evict it (a restore never evicts)
 
     @property
     def evictable(self) -> bool:
-        return not (self.pinned or self.in_use or self.busy)
+        return not (self.pinned or self.in_use or self.busy or self.kept)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +130,7 @@ def decide(
     fits = need <= room(freed) and not too_many(len(chosen))
     if fits:
         return Decision("fits", need, used, len(others), tuple(chosen))
-    blocked = tuple(r.slot for r in others if not r.pinned and not r.evictable)
+    blocked = tuple(r.slot for r in others if (r.in_use or r.busy) and not r.pinned)
     message = refusal_message(need, room(freed), used, limit, len(others), cap, others)
     if force:
         return Decision("forced", need, used, len(others), tuple(chosen), blocked, message)
@@ -147,7 +148,13 @@ def refusal_message(
 ) -> str:
     kept = []
     for r in others:
-        why = "pinned" if r.pinned else "in use" if r.in_use else "busy" if r.busy else None
+        reasons = (
+            (r.pinned, "pinned"),
+            (r.in_use, "in use"),
+            (r.busy, "busy"),
+            (r.kept, "kept: a restore never evicts"),
+        )
+        why = next((label for flag, label in reasons if flag), None)
         if why is not None:
             kept.append(f"{r.slot} ({why}, {r.bytes / MIB:,.0f} MiB)")
     limits = f"memory_limit {limit / MIB:,.0f} MiB, " if limit is not None else ""
@@ -171,6 +178,7 @@ class NodeSlot:
     ready_at: float | None = None
     ttl_s: float | None = None
     pinned: bool = False
+    last_used_at: float | None = None  # wall clock, as last journaled
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +191,12 @@ class NodeState:
         return self.slots.get(name, NodeSlot())
 
     def restorable(self) -> list[str]:
-        """Slots that had a server when the node stopped, most recently ready first."""
-        resident = [(s.ready_at or 0.0, name) for name, s in self.slots.items() if s.resident]
+        """Slots that had a server when the node stopped, most recently used first."""
+        resident = [
+            (max(s.ready_at or 0.0, s.last_used_at or 0.0), name)
+            for name, s in self.slots.items()
+            if s.resident
+        ]
         return [name for _, name in sorted(resident, reverse=True)]
 
 
@@ -209,5 +221,10 @@ def evolve_node(state: NodeState, event: ev.NodeEvent) -> NodeState:
         case ev.SlotPinned():
             slot = replace(state.slot(event.slot), pinned=event.pinned)
             return replace(state, version=version, slots={**state.slots, event.slot: slot})
+        case ev.SlotsUsed():
+            slots = dict(state.slots)
+            for name, at in event.used:
+                slots[name] = replace(state.slot(name), last_used_at=at)
+            return replace(state, version=version, slots=slots)
         case _:
             return replace(state, version=version)

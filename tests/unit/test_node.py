@@ -284,3 +284,26 @@ def test_a_ready_server_is_measured_again_when_its_memory_grows(
             time.sleep(0.05)
     measured = [e.rss_bytes for e in node_events(journal_path) if isinstance(e, ev.ServerMeasured)]
     assert measured == [100 * MIB, 400 * MIB]
+
+
+def test_restore_follows_last_use_within_the_limits_and_lru_survives_a_restart(
+    journal_path: Path, models: list[str], effects: FakeEffects
+) -> None:
+    node = open_node(journal_path, effects, max_servers=3)
+    for name, model in zip(("a", "b", "c"), models, strict=False):
+        node.load(name, {"model_path": model})
+    for name in ("c", "b", "a"):  # a is the most recently used, c the least
+        time.sleep(0.02)
+        node.touch(name)
+    pids = [node.slot(n).status().pid for n in ("a", "b", "c")]
+    node.close(keep_servers=True)
+    for pid in pids:
+        assert pid is not None
+        effects.die(pid)
+    with open_node(journal_path, effects, max_servers=2, restore=True) as again:
+        states = {n: s.status.state for n, s in again.status().slots.items()}
+        assert states == {"a": "ready", "b": "ready", "c": "failed"}  # c: no room, no eviction
+        refused = [e for e in node_events(journal_path) if isinstance(e, ev.NodeAdmission)][-1]
+        assert refused.slot == "c" and refused.verdict == "refused" and refused.evicted == ()
+        again.load("d", {"model_path": models[3]})  # b is older than a: it goes
+        assert [e.slot for e in evictions(journal_path) if e.cause == "capacity"] == ["b"]
