@@ -93,13 +93,7 @@ class Node:
         run_dir: Path | None,
         engine_options: dict[str, Any],
     ) -> None:
-        if memory_limit is not None and memory_limit <= 0:
-            raise ValueError(f"memory_limit must be positive bytes, not {memory_limit!r}")
-        if max_servers is not None and max_servers < 1:
-            raise ValueError(f"max_servers must be >= 1, not {max_servers!r}")
-        if wait_for_capacity is not None and wait_for_capacity < 0:
-            raise ValueError(f"wait_for_capacity must be >= 0 seconds, not {wait_for_capacity!r}")
-        _check_ttl(ttl)
+        _check_options(memory_limit, max_servers, wait_for_capacity, ttl)
         self.journal = journal
         self.memory_limit = memory_limit
         self.max_servers = max_servers
@@ -150,6 +144,7 @@ class Node:
         idle instead of failing at once; `ttl` (seconds) is the default idle TTL of a slot.
         `engine_options` go to every slot's `Engine` (health_timeout, threads, ...).
         """
+        _check_options(memory_limit, max_servers, wait_for_capacity, ttl)  # before opening
         binary = locate_server(llama_server) if effects is None else None
         # One Journal (one SQLAlchemy engine, one writer connection) for the node and all its
         # slots: appends from every slot then serialize on its write lock instead of
@@ -158,15 +153,14 @@ class Node:
         node: Node | None = None
         try:
             lease = Lease.acquire(journal, ev.NODE_STREAM, lease_ttl)
+            directory = Path(run_dir) if run_dir is not None else default_run_dir(journal)
+            host: Effects | None = effects
             try:
-                directory = Path(run_dir) if run_dir is not None else default_run_dir(journal)
-                if effects is None:
+                if host is None:
                     from engine.adapters.runtime import RealEffects
 
                     assert binary is not None
-                    host: Effects = RealEffects(binary, directory, journal)
-                else:
-                    host = effects
+                    host = RealEffects(binary, directory, journal)
                 node = cls(
                     journal,
                     lease,
@@ -184,7 +178,7 @@ class Node:
             except BaseException:
                 if node is not None:
                     node._close_engines(keep_servers=True)
-                _close_effects(host if "host" in locals() else None, effects)
+                _close_effects(host, effects)
                 lease.release()
                 raise
         except BaseException:
@@ -194,7 +188,11 @@ class Node:
         node._reaper = threading.Thread(target=node._reap, name="monitor-node", daemon=True)
         node._reaper.start()
         if restore:
-            node._restore()
+            try:
+                node._restore()
+            except BaseException:
+                node.close(keep_servers=True)
+                raise
         return node
 
     def close(self, *, keep_servers: bool = False) -> None:
@@ -708,6 +706,21 @@ def _check_slot_name(name: str) -> None:
         )
     if any(ord(c) < 32 for c in name):
         raise InvalidRequest(f"slot name: {name!r} contains a control character")
+
+
+def _check_options(
+    memory_limit: int | None,
+    max_servers: int | None,
+    wait_for_capacity: float | None,
+    ttl: float | None,
+) -> None:
+    if memory_limit is not None and memory_limit <= 0:
+        raise ValueError(f"memory_limit must be positive bytes, not {memory_limit!r}")
+    if max_servers is not None and max_servers < 1:
+        raise ValueError(f"max_servers must be >= 1, not {max_servers!r}")
+    if wait_for_capacity is not None and wait_for_capacity < 0:
+        raise ValueError(f"wait_for_capacity must be >= 0 seconds, not {wait_for_capacity!r}")
+    _check_ttl(ttl)
 
 
 def _check_ttl(ttl: float | None) -> None:

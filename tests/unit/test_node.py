@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.adapters.journal import Journal
+from engine.adapters.lease import SlotBusy
 from engine.core import events as ev
 from engine.core.errors import EngineError
 from engine.core.rules import InvalidRequest
@@ -216,6 +217,8 @@ def test_bad_names_and_options_are_clear_errors(
         node.load("a", {"model_path": models[0]}, ttl=0)
     with pytest.raises(ValueError, match="max_servers"):
         open_node(journal_path.with_name("other.db"), effects, max_servers=0)
+    with pytest.raises(SlotBusy, match="'@node'"):
+        open_node(journal_path, effects)  # one node per journal
 
 
 def test_postmortem_says_why_a_server_was_evicted(
