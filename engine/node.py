@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
@@ -202,7 +203,10 @@ class Node:
         if self._reaper is not None:
             self._reaper.join()
         try:
-            self._record_usage()
+            try:
+                self._record_usage()  # for the LRU order and the restore order of the next open
+            except Exception:
+                log.warning("node: could not journal last-use times at close", exc_info=True)
             if not keep_servers:
                 for name in self.names():
                     self._evict_manually(name)
@@ -269,7 +273,7 @@ class Node:
     def touch(self, name: str) -> None:
         self.slot(name).touch()
 
-    def in_use(self, name: str) -> Any:
+    def in_use(self, name: str) -> AbstractContextManager[Engine]:
         """`with node.in_use("chat"): ...` holds the slot's server: never evicted meanwhile."""
         return self.slot(name).in_use()
 
@@ -383,7 +387,10 @@ class Node:
     def _observed(self, name: str, event: ev.Event, state: SlotState) -> None:
         """Every event of every slot: measure a server once ready, forget one that is gone."""
         if isinstance(event, ev.LoadSucceeded):
-            self._measure(name, state)
+            try:
+                self._measure(name, state)
+            except Exception:  # the server is up and serving: a lost figure must not fail it
+                log.warning("node: measuring slot %r failed", name, exc_info=True)
         elif state.process is None and state.pending is None:
             with self._lock:
                 self._held.pop(name, None)
