@@ -162,11 +162,10 @@ class Engine:
         another live engine manages (`engine.adapters.lease.SlotBusy`).
         """
         binary = locate_server(llama_server) if effects is None else None
-        owned = not isinstance(journal_url, Journal)  # a Node passes its own, shared journal
-        if isinstance(journal_url, Journal):
-            journal = journal_url
+        if isinstance(journal_url, Journal):  # a Node shares its journal with its slots
+            journal, owned = journal_url, False
         else:
-            journal = Journal.open(journal_url, synchronous=synchronous)
+            journal, owned = Journal.open(journal_url, synchronous=synchronous), True
         lease: Lease | None = None
         try:
             lease = Lease.acquire(journal, slot, lease_ttl)
@@ -393,8 +392,8 @@ class Engine:
     def claim_idle(self) -> bool:
         """Claim the slot for an eviction if nothing uses, loads or unloads it; never waits.
 
-        On True the slot is held (no load, unload or `in_use()` can start) until
-        `stop_claimed()` or `release_claim()`. A Node claims every victim first, so it never
+        On True the slot is held until `stop_claimed()` or `release_claim()`: loads and
+        unloads wait, `in_use()` raises. A Node claims every victim first, so it never
         evicts one server and then finds the next one busy (evicting for nothing).
         """
         if not self._serial.acquire(blocking=False):

@@ -48,7 +48,7 @@ def node_events(journal: Path) -> list[ev.NodeEvent]:
 
 def check_closed(node: Node, journal: Path) -> None:
     """Every slot replays to its live state, and no server of this journal is left."""
-    journal_id = next(iter(node._engines.values())).journal_id
+    journal_id = node.slot(node.names()[0]).journal_id
     states = {name: node.slot(name).state for name in node.names()}
     node.close()
     opened = Journal.open(journal, create=False)
