@@ -3,6 +3,7 @@
 from engine.core.errors import EngineError
 from engine.core.request import LoadRequest, LoadResult, Status
 from engine.core.rules import InvalidRequest
+from engine.node import Node, NodeStatus, SlotInfo
 from engine.orchestrator import Engine
 from engine.replay import replay
 
@@ -12,6 +13,9 @@ __all__ = [
     "InvalidRequest",
     "LoadRequest",
     "LoadResult",
+    "Node",
+    "NodeStatus",
+    "SlotInfo",
     "Status",
     "replay",
 ]

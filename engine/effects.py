@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from engine.core.admission import MemoryBudget
 from engine.core.events import LoadSpec, ResolvedModel
+from engine.core.eviction import MemoryUse
 from engine.core.state import ServerProcess
 
 
@@ -146,6 +147,11 @@ class Effects(Protocol):
 
     def memory_budget(self, releasing: ServerProcess | None) -> MemoryBudget:
         """Free VRAM + available RAM now, plus what killing `releasing` gives back."""
+        ...
+
+    def measure(self, process: ServerProcess) -> MemoryUse:
+        """What the server uses now: resident memory + the VRAM NVML attributes to its pid
+        (zeros once it is gone)."""
         ...
 
     def marked_processes(self, journal_id: str) -> list[tuple[int, float, str]]:

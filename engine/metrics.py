@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import Final
+from typing import Final, cast
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -28,8 +28,8 @@ from prometheus_client.registry import Collector
 from engine.adapters.feed import Feed
 from engine.adapters.gpu import NvmlProbe
 from engine.adapters.journal import Journal
-from engine.adapters.memory import server_memory
-from engine.core.events import is_slot_stream
+from engine.adapters.memory import measure_server
+from engine.core.events import Event, is_slot_stream
 from engine.core.evolve import evolve
 from engine.core.machine import STATES
 from engine.core.state import ServerProcess, SlotState
@@ -68,7 +68,8 @@ class JournalMetrics(Collector):
                 self._tally.add(item.stream, item.event)
                 if is_slot_stream(item.stream):
                     state = self._states.get(item.stream, SlotState())
-                    self._states[item.stream] = evolve(state, item.event, item.seq)
+                    event = cast(Event, item.event)
+                    self._states[item.stream] = evolve(state, event, item.seq)
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
@@ -121,8 +122,12 @@ class JournalMetrics(Collector):
             labels=["slot", "kind"],
         )
         for slot, process in sorted((self._servers() if self._servers else {}).items()):
-            for kind, value in server_memory(self._vram, process).items():
-                memory.add_metric([slot, kind], value)
+            if process is None or not process.pid:
+                continue
+            use = measure_server(self._vram, process)
+            if use.total:  # zero: the process is gone (or is not ours any more)
+                memory.add_metric([slot, "rss"], use.rss_bytes)
+                memory.add_metric([slot, "vram"], use.vram_bytes)
         yield memory
         append = HistogramMetricFamily(
             "studio_engine_journal_append_seconds",

@@ -13,9 +13,11 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +48,7 @@ from engine.core.decide import (
 )
 from engine.core.errors import EngineError, StepFailed
 from engine.core.evolve import evolve
+from engine.core.machine import STABLE
 from engine.core.request import LoadRequest, LoadResult, Status, as_request, to_spec
 from engine.core.rules import InvalidRequest, same_target
 from engine.core.snapshot import encode as encode_snapshot
@@ -53,7 +56,7 @@ from engine.core.state import SlotState
 from engine.effects import Cancelled, CancelToken, DownloadProgress, Effects
 from engine.recovery import recover
 from engine.replay import SNAPSHOT_EVERY, open_state
-from engine.steps import SlotSettings
+from engine.steps import AdmissionGate, SlotSettings
 
 log = logging.getLogger("studio-engine")
 
@@ -128,13 +131,21 @@ class Engine:
         self.download: DownloadProgress | None = None  # per-chunk progress: memory only
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
+        self._owns_journal = True  # False when a Node shares its journal with its slots
+        self.gate: AdmissionGate | None = None  # set by a Node: admission across its slots
+        # Idle tracking (memory only, monotonic): the node evicts idle servers LRU first and
+        # never one in use. `_evicting` makes "idle" and "being stopped" one atomic decision.
+        self._use_lock = threading.Lock()
+        self._users = 0
+        self._evicting = False
+        self.last_used = time.monotonic()
 
     # --- opening and closing -----------------------------------------------------------------
 
     @classmethod
     def open(
         cls,
-        journal_url: str | os.PathLike[str] = "studio-engine.db",
+        journal_url: str | os.PathLike[str] | Journal = "studio-engine.db",
         *,
         llama_server: str | os.PathLike[str] | None = None,
         slot: str = "default",
@@ -152,7 +163,10 @@ class Engine:
         another live engine manages (`engine.adapters.lease.SlotBusy`).
         """
         binary = locate_server(llama_server) if effects is None else None
-        journal = Journal.open(journal_url, synchronous=synchronous)
+        if isinstance(journal_url, Journal):  # a Node shares its journal with its slots
+            journal, owned = journal_url, False
+        else:
+            journal, owned = Journal.open(journal_url, synchronous=synchronous), True
         lease: Lease | None = None
         try:
             lease = Lease.acquire(journal, slot, lease_ttl)
@@ -163,12 +177,14 @@ class Engine:
                 directory = Path(run_dir) if run_dir is not None else default_run_dir(journal)
                 effects = RealEffects(binary, directory, journal)
             engine = cls(journal, effects, slot=slot, **options)
+            engine._owns_journal = owned
             engine._lease = lease
             engine._recover()
         except BaseException:
             if lease is not None:
                 lease.release()
-            journal.close()
+            if owned:
+                journal.close()
             raise
         assert lease is not None
         lease.start()
@@ -198,7 +214,8 @@ class Engine:
                 close()
             if self._lease is not None:
                 self._lease.release()
-            self.journal.close()
+            if self._owns_journal:
+                self.journal.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -354,6 +371,71 @@ class Engine:
     async def aunload(self) -> Status:
         return await asyncio.to_thread(self.unload)
 
+    # --- idle tracking (for a Node: TTL, LRU eviction, never evicting a server in use) -------
+
+    def touch(self) -> None:
+        """Record a use of the server now (a request served): it is the most recently used."""
+        self.last_used = time.monotonic()
+
+    @contextmanager
+    def in_use(self) -> Iterator[Engine]:
+        """Hold the slot's server while a request runs: a Node never evicts it meanwhile.
+
+        Raises EngineError if the node is stopping this server right now."""
+        with self._use_lock:
+            if self._evicting:
+                raise EngineError(f"slot {self.slot!r} is being evicted; load it again")
+            self._users += 1
+            self.last_used = time.monotonic()
+        try:
+            yield self
+        finally:
+            with self._use_lock:
+                self._users -= 1
+                self.last_used = time.monotonic()
+
+    @property
+    def users(self) -> int:
+        """Holders of `in_use()` right now."""
+        return self._users
+
+    def idle_s(self) -> float:
+        return 0.0 if self._users else max(time.monotonic() - self.last_used, 0.0)
+
+    @property
+    def busy(self) -> bool:
+        """A load or unload is in flight or queued on this slot (it is not idle)."""
+        return bool(self._flights) or self._state.state not in STABLE
+
+    def claim_idle(self) -> bool:
+        """Claim the slot for an eviction if nothing uses, loads or unloads it; never waits.
+
+        On True the slot is held until `stop_claimed()` or `release_claim()`: loads and
+        unloads wait, `in_use()` raises. A Node claims every victim first, so it never
+        evicts one server and then finds the next one busy (evicting for nothing).
+        """
+        if not self._serial.acquire(blocking=False):
+            return False  # a load or unload owns the slot: not idle
+        with self._use_lock, self._state_lock:
+            if not (self._users or self._flights):
+                self._evicting = True
+                return True
+        self._serial.release()
+        return False
+
+    def release_claim(self) -> None:
+        with self._use_lock:
+            self._evicting = False
+        self._serial.release()
+
+    def stop_claimed(self) -> None:
+        """Stop the claimed slot's server (journaled as an unload), then release the claim."""
+        try:
+            self._emit_all(decide(Unload(at=self.effects.now()), self._state))
+            self._drive(token=None)
+        finally:
+            self.release_claim()
+
     # --- loads -------------------------------------------------------------------------------
 
     def _join(self, joined: _Flight) -> LoadResult:
@@ -447,7 +529,7 @@ class Engine:
             case Resolve():
                 steps.resolve(self, token)
             case Admit():
-                steps.admit(self)
+                steps.admit(self, token)
             case Kill(reason=reason):
                 steps.kill(self, reason)
             case Settle():

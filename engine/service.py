@@ -9,8 +9,9 @@
   the whole request (no idle unload, no swap under it).
 * `GET /metrics` (Prometheus), `GET /events` (every journal event, server-sent), `GET /health`.
 
-The service holds no state of its own beyond the open engines: statuses come from them and
-events and metrics from the journal, so any number of readers can watch one journal.
+Every model runs on its own slot of a `Node`, so several stay loaded and idle ones are evicted
+by measured memory when a load needs the room. The service holds no state of its own beyond
+the node: statuses come from its engines, events and metrics from the journal.
 A control key (`Authorization: Bearer KEY`) is required for everything but `/health` when one
 is set, and must be set to bind anything but loopback.
 """
@@ -23,7 +24,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,11 +38,12 @@ from starlette.routing import Route
 from engine.adapters.feed import Feed
 from engine.adapters.journal import Journal
 from engine.catalog import Preset
+from engine.core.errors import EngineError
 from engine.core.events import is_slot_stream
 from engine.core.request import LoadResult, Status
 from engine.core.rules import InvalidRequest
 from engine.metrics import JournalMetrics
-from engine.orchestrator import Engine
+from engine.node import Node
 
 log = logging.getLogger("studio-engine.service")
 
@@ -70,7 +71,7 @@ class Upstream:
 
 
 class Backend(Protocol):
-    """What the service needs from whatever runs the servers (one engine, or a node)."""
+    """What the service needs from whatever runs the servers (NodeBackend; tests may fake it)."""
 
     journal: Journal
 
@@ -108,86 +109,75 @@ def upstream_of(status: Status) -> Upstream:
     return Upstream(f"http://127.0.0.1:{status.port}", {})
 
 
-class EngineBackend:
-    """One engine, one server at a time: a request for another model swaps the server once
-    the requests using the current one have finished (llama-swap's single-model mode)."""
+class NodeBackend:
+    """Each model on its own slot of a `Node`: several servers at once, idle ones evicted
+    least recently used first when a load needs the room (by measured memory)."""
 
-    def __init__(self, engine: Engine, catalog: dict[str, Preset]) -> None:
-        self.engine = engine
-        self.journal = engine.journal
+    def __init__(self, node: Node, catalog: dict[str, Preset]) -> None:
+        self.node = node
+        self.journal = node.journal
         self.catalog = catalog
-        self._current: str | None = None  # the name whose server is serving
         self._refused: dict[str, str] = {}  # name -> why its preset was refused
-        self._in_use = 0
-        self._changed = threading.Condition()
-
-    def _serving(self, name: str) -> bool:
-        status = self.engine.status()
-        return self._current == name and status.state == "ready"
 
     def models(self) -> dict[str, ModelInfo]:
-        status = self.engine.status()
+        open_slots = set(self.node.names())
         models = {}
         for name in self.catalog:
-            if name == self._current:
-                value = router_status(status, True)
-                error = status.last_error if value == "failed" else None
-                models[name] = ModelInfo(value, status, error)
-            elif name in self._refused:
+            if name in self._refused:
                 models[name] = ModelInfo("failed", None, self._refused[name])
+            elif name in open_slots:
+                status = self.node.slot(name).status()
+                value = router_status(status, serving=True)
+                models[name] = ModelInfo(
+                    value, status, status.last_error if value == "failed" else None
+                )
             else:
                 models[name] = ModelInfo("unloaded")
         return models
 
     def load(self, name: str) -> LoadResult:
-        with self._changed:
-            while self._in_use and self._current != name:
-                self._changed.wait()  # never swap a model out from under a request
-            try:
-                result = self.engine.load(self.catalog[name].request)
-            except InvalidRequest as refused:
-                self._refused[name] = str(refused)
-                raise
-            self._refused.pop(name, None)
-            if result.ok:
-                self._current = name
-            elif result.status == "failed":
-                self._current = name  # its failure is what GET /models shows
-            return result
+        preset = self.catalog[name]
+        try:
+            result = self.node.load(name, preset.request, ttl=preset.ttl)
+        except InvalidRequest as refused:
+            self._refused[name] = str(refused)
+            raise
+        self._refused.pop(name, None)
+        if result.ok and preset.pin:
+            self.node.pin(name)
+        return result
 
     def unload(self, name: str) -> None:
-        with self._changed:
-            if self._current != name:
-                return
-            while self._in_use:
-                self._changed.wait()
-            self.engine.unload()
-            self._current = None
+        if name in self.node.names():
+            self.node.unload(name)
 
     def acquire(self, name: str) -> tuple[Upstream, Callable[[], None]]:
-        with self._changed:
-            if not self._serving(name):
+        for _ in range(3):  # the node may evict an idle server between the load and the hold
+            if name not in self.node.names() or self.node.slot(name).status().state != "ready":
                 try:
                     result = self.load(name)
-                except InvalidRequest as refused:  # a preset the policy refuses
+                except InvalidRequest as refused:
                     raise ModelUnavailable(str(refused)) from None
                 if not result.ok:
                     raise ModelUnavailable(result.error or result.status)
-            self._in_use += 1
-            upstream = upstream_of(self.engine.status())
-
-        def release() -> None:
-            with self._changed:
-                self._in_use -= 1
-                self._changed.notify_all()
-
-        return upstream, release
+            held = contextlib.ExitStack()
+            try:
+                engine = held.enter_context(self.node.in_use(name))
+            except EngineError:
+                continue  # being evicted right now: load it again
+            status = engine.status()
+            if status.state == "ready" and status.port is not None:
+                return upstream_of(status), held.close
+            held.close()
+        raise ModelUnavailable(
+            "it was evicted three times while being loaded; the host is short of memory"
+        )
 
     def servers(self) -> dict[str, Any]:
-        return {self.engine.slot: self.engine.state.process}
+        return {name: self.node.slot(name).state.process for name in self.node.names()}
 
     def close(self) -> None:
-        self.engine.close()
+        self.node.close()
 
 
 def _load_quietly(backend: Backend, name: str) -> None:

@@ -39,6 +39,23 @@ class SlotSettings:
     memory_limit: int | None  # bytes this slot may use at most (None = the host's)
 
 
+class AdmissionGate(Protocol):
+    """Admission beyond the slot (an `engine.Node`): may evict other slots' idle servers."""
+
+    def admit(
+        self,
+        slot: str,
+        load_id: str,
+        model: ev.ResolvedModel,
+        spec: ev.LoadSpec,
+        extra_args: tuple[str, ...],
+        releasable_bytes: int,
+        token: CancelToken,
+    ) -> tuple[admission.Verdict, str | None]:
+        """The verdict for this launch, and the refusal message when it is refused."""
+        ...
+
+
 class Slot(Protocol):
     """What a step needs from the slot it runs on."""
 
@@ -47,6 +64,7 @@ class Slot(Protocol):
     effects: Effects
     settings: SlotSettings
     download: DownloadProgress | None  # per-chunk progress of the load in flight: memory only
+    gate: AdmissionGate | None  # set by a Node: admission across its slots
 
     @property
     def state(self) -> SlotState: ...
@@ -79,7 +97,7 @@ def resolve(engine: Slot, token: CancelToken) -> None:
     engine.emit(ev.ModelResolved(at=engine.effects.now(), load_id=pending.load_id, model=model))
 
 
-def admit(engine: Slot) -> None:
+def admit(engine: Slot, token: CancelToken | None = None) -> None:
     state = engine.state
     pending = state.pending
     assert pending is not None and pending.model is not None
@@ -89,6 +107,20 @@ def admit(engine: Slot) -> None:
         engine.effects.memory_budget(state.process), limit_bytes=engine.settings.memory_limit
     )
     verdict = admission.verdict(need.need, budget, pending.spec.force)
+    error = admission.refusal_message(need.need, budget) if verdict != "fits" else None
+    over_slot_limit = budget.limit_bytes is not None and need.need > budget.limit_bytes
+    if engine.gate is not None and not (over_slot_limit and verdict == "refused"):
+        # The node's decision replaces the host check: it sees the same host plus its other
+        # servers, and may evict idle ones to make room. A slot's own memory_limit still holds.
+        verdict, error = engine.gate.admit(
+            engine.slot,
+            pending.load_id,
+            pending.model,
+            pending.spec,
+            extra_args,
+            budget.releasable_bytes,
+            token or CancelToken(),
+        )
     engine.emit(
         ev.AdmissionChecked(
             at=engine.effects.now(),
@@ -103,7 +135,7 @@ def admit(engine: Slot) -> None:
             releasable_bytes=budget.releasable_bytes,
             limit_bytes=budget.limit_bytes,
             verdict=verdict,
-            error=admission.refusal_message(need.need, budget) if verdict != "fits" else None,
+            error=error,
         )
     )
 

@@ -10,6 +10,7 @@ from pydantic import SecretStr
 from engine.core.admission import MemoryBudget
 from engine.core.errors import StepFailed
 from engine.core.events import LoadSpec, ResolvedModel
+from engine.core.eviction import MemoryUse
 from engine.core.state import ServerProcess
 from engine.effects import CancelToken, DownloadListener, Exited, Health
 
@@ -31,6 +32,8 @@ class FakeEffects:
         self.max_alive = 0
         self.available_ram = 64 << 30
         self.gpus: list[tuple[int, int]] = []  # (index, free MiB); empty = CPU-only host
+        self.server_rss = 100 << 20
+        self.rss: dict[int, int] = {}
 
     def now(self) -> float:
         self.clock += 0.001
@@ -101,6 +104,12 @@ class FakeEffects:
 
     def memory_budget(self, releasing: ServerProcess | None) -> MemoryBudget:
         return MemoryBudget(free_vram_bytes=0, available_ram_bytes=self.available_ram)
+
+    def measure(self, process: ServerProcess) -> MemoryUse:
+        """Each live server uses `server_rss` (per pid in `rss`, when set)."""
+        if not self.alive.get(process.pid):
+            return MemoryUse(0, 0)
+        return MemoryUse(self.rss.get(process.pid, self.server_rss), 0)
 
     def marked_processes(self, journal_id: str) -> list[tuple[int, float, str]]:
         return []

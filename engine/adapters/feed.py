@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
-from engine.adapters.journal import FEED_CHANNEL, Journal, decode_row
-from engine.core.events import Event
+from engine.adapters.journal import FEED_CHANNEL, Journal, decode_record
+from engine.core.events import BaseEvent
 
 POLL_S: Final = 0.1
 GAP_TIMEOUT_S: Final = 2.0
@@ -32,7 +32,7 @@ class FeedEvent:
     seq: int
     stream: str
     version: int
-    event: Event
+    event: BaseEvent  # a slot's Event, or a record of an engine stream (@node, @hub-probes)
 
 
 class Feed:
@@ -84,7 +84,7 @@ class Feed:
     @staticmethod
     def _decode(row: tuple[int, str, int, float, str, str]) -> FeedEvent:
         seq, stream, version, _, type_, payload = row
-        return FeedEvent(seq, stream, version, decode_row(seq, type_, payload))
+        return FeedEvent(seq, stream, version, decode_record(seq, stream, type_, payload))
 
     def wait(self, timeout: float) -> None:
         """Sleep until something may have been appended (at most `timeout`)."""

@@ -203,17 +203,22 @@ class NvmlProbe:
 
     def used_by(self, pid: int) -> int:
         """Bytes of VRAM NVML attributes to `pid` on the visible GPUs (0 when unknown)."""
+        return sum(used for _, used in self.used_by_gpu(pid))
+
+    def used_by_gpu(self, pid: int) -> list[tuple[int, int]]:
+        """(gpu index, bytes) NVML attributes to `pid`, for each visible GPU it uses."""
         import pynvml
 
-        handles = self._visible_gpus()
-        used = 0
-        for _, handle in handles:
+        found = []
+        for index, handle in self._visible_gpus():
             try:
                 running = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
             except pynvml.NVMLError:
                 continue
-            used += sum(p.usedGpuMemory or 0 for p in running if p.pid == pid)
-        return int(used)
+            used = sum(p.usedGpuMemory or 0 for p in running if p.pid == pid)
+            if used:
+                found.append((index, int(used)))
+        return found
 
     def close(self) -> None:
         import pynvml

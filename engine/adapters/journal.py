@@ -15,15 +15,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-from engine.core.events import SCHEMA_VERSION, BaseEvent, Event, parse_event
+from engine.core.events import SCHEMA_VERSION, BaseEvent, Event, parse_event, parse_record
 from engine.core.rules import HF_TOKEN_PATTERN
+
+_E = TypeVar("_E", bound=BaseEvent)
 
 metadata = sa.MetaData()
 
@@ -398,8 +400,21 @@ class Journal:
 
 
 def decode_row(seq: int, type_: str, payload: str) -> Event:
+    """A slot's event; every problem is a CorruptJournal naming its seq."""
+    return _decode(seq, type_, payload, parse_event)
+
+
+def decode_record(seq: int, stream: str, type_: str, payload: str) -> BaseEvent:
+    """A record of any stream (slots, the hub probe cache, the node), for followers."""
     try:
-        event = parse_event(payload)
+        return _decode(seq, type_, payload, lambda text: parse_record(stream, text))
+    except KeyError:
+        raise CorruptJournal(seq, f"stream {stream!r} is unknown to this engine") from None
+
+
+def _decode(seq: int, type_: str, payload: str, parse: Callable[[str], _E]) -> _E:
+    try:
+        event = parse(payload)
     except ValidationError as exc:
         newer = _schema_version_of(payload)
         if newer is not None and newer > SCHEMA_VERSION:
@@ -420,8 +435,10 @@ def decode_row(seq: int, type_: str, payload: str) -> Event:
             f"written with event schema v{event.schema_version}, newer than this engine's "
             f"v{SCHEMA_VERSION}; upgrade studio-engine",
         )
-    if event.type != type_:
-        raise CorruptJournal(seq, f"type column says {type_!r} but the payload is {event.type!r}")
+    if getattr(event, "type", None) != type_:
+        raise CorruptJournal(
+            seq, f"type column says {type_!r} but the payload is {getattr(event, 'type', None)!r}"
+        )
     return event
 
 

@@ -14,6 +14,7 @@ import psutil
 from engine.adapters.gpu import NvmlProbe
 from engine.adapters.process import CREATE_TIME_SLACK
 from engine.core.admission import MIB, MemoryBudget
+from engine.core.eviction import MemoryUse
 from engine.core.state import ServerProcess
 
 
@@ -30,23 +31,6 @@ def releasable_ram(process: ServerProcess | None) -> int:
     return max(int(info.rss) - int(getattr(info, "shared", 0)), 0)
 
 
-def server_memory(vram: NvmlProbe, process: ServerProcess | None) -> dict[str, int]:
-    """What a live server holds now: resident memory (RSS) and the VRAM NVML attributes to it."""
-    if process is None or not process.pid:
-        return {}
-    try:
-        live = psutil.Process(process.pid)
-        if abs(live.create_time() - process.create_time) > CREATE_TIME_SLACK:
-            return {}  # the pid was reused: not our server
-        rss = int(live.memory_info().rss)
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return {}
-    vram_bytes = 0
-    with contextlib.suppress(Exception):  # a failing driver counts as no GPU
-        vram_bytes = vram.used_by(process.pid)
-    return {"rss": rss, "vram": vram_bytes}
-
-
 def memory_budget(vram: NvmlProbe, process: ServerProcess | None) -> MemoryBudget:
     free_vram = 0
     with contextlib.suppress(Exception):  # a failing driver counts as no GPU: RAM only
@@ -57,3 +41,20 @@ def memory_budget(vram: NvmlProbe, process: ServerProcess | None) -> MemoryBudge
         available_ram_bytes=int(psutil.virtual_memory().available),
         releasable_bytes=releasable_ram(process) + released_vram,
     )
+
+
+def measure_server(vram: NvmlProbe, process: ServerProcess) -> MemoryUse:
+    """What a server of ours uses now: its whole RSS (mmapped weights included: they are
+    what a second server would be short of) + the VRAM NVML attributes to its pid on every
+    visible GPU. Zeros when the pid is gone or belongs to another process now."""
+    try:
+        live = psutil.Process(process.pid)
+        if abs(live.create_time() - process.create_time) > CREATE_TIME_SLACK:
+            return MemoryUse(0, 0)
+        rss = int(live.memory_info().rss)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return MemoryUse(0, 0)
+    by_gpu: list[tuple[int, int]] = []
+    with contextlib.suppress(Exception):  # no driver: a CPU-only server
+        by_gpu = vram.used_by_gpu(process.pid)
+    return MemoryUse(rss, sum(used for _, used in by_gpu), tuple(by_gpu))

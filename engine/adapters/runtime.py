@@ -18,10 +18,11 @@ from engine.adapters.health import HealthClient
 from engine.adapters.hub import Hub
 from engine.adapters.journal import Journal
 from engine.adapters.local_models import resolve_local
-from engine.adapters.memory import memory_budget
+from engine.adapters.memory import measure_server, memory_budget
 from engine.core.admission import MemoryBudget
 from engine.core.errors import StepFailed
 from engine.core.events import LoadSpec, ResolvedModel
+from engine.core.eviction import MemoryUse
 from engine.core.state import ServerProcess
 from engine.effects import CancelToken, DownloadListener, Exited, Health
 
@@ -98,6 +99,9 @@ class RealEffects:
 
     def memory_budget(self, releasing: ServerProcess | None) -> MemoryBudget:
         return memory_budget(self._vram, releasing)
+
+    def measure(self, process: ServerProcess) -> MemoryUse:
+        return measure_server(self._vram, process)
 
     def marked_processes(self, journal_id: str) -> list[tuple[int, float, str]]:
         return self.processes.marked_processes(journal_id + "/")

@@ -8,13 +8,15 @@ import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 from engine.adapters.binary import ServerBinaryError
 from engine.adapters.journal import Journal, JournalError
 from engine.cli.timeline import parse_until, print_timeline, read_steps, tail
-from engine.core.events import Event, is_slot_stream
+from engine.core.events import Event, NodeEvent, is_slot_stream
+from engine.core.postmortem import NodeReport
 from engine.core.snapshot import SnapshotError
 from engine.core.snapshot import decode as decode_snapshot
 from engine.core.state import SlotState
@@ -63,8 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from engine.catalog import build_catalog
     from engine.core.rules import InvalidRequest
-    from engine.orchestrator import Engine
-    from engine.service import EngineBackend, create_app, is_loopback
+    from engine.node import Node
+    from engine.service import NodeBackend, create_app, is_loopback
 
     key = os.environ.get("STUDIO_ENGINE_CONTROL_KEY")
     if args.control_key_file:
@@ -81,8 +83,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except InvalidRequest as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    engine = Engine.open(args.journal, llama_server=args.llama_server)
-    backend = EngineBackend(engine, catalog)
+    if args.max_servers is not None and args.max_servers < 1:
+        raise argparse.ArgumentTypeError(f"--max-servers must be >= 1, not {args.max_servers}")
+    node = Node.open(
+        args.journal, llama_server=args.llama_server, max_servers=args.max_servers, restore=True
+    )
+    backend = NodeBackend(node, catalog)
     try:
         app = create_app(backend, control_key=key or None)
         print(f"studio-engine: serving {len(catalog)} model(s) on http://{args.host}:{args.port}")
@@ -122,6 +128,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problems: list[str] = []
     try:
         streams = [s for s in journal.streams() if is_slot_stream(s)]  # not @hub-probes
+        node = _node_report(journal)
+        if node.events:
+            problems += [f"@node: event #{a.seq}: {a.kind}: {a.message}" for a in node.violations]
+            print(
+                f"node: {node.events} events, {len(node.evictions)} evictions, "
+                f"{len(node.violations)} violations"
+            )
         for stream in streams:
             snapshots = {version: text for version, _, _, text in journal.snapshots(stream)}
             report = analyse(_checked_records(journal, stream, snapshots, problems), stream)
@@ -169,6 +182,22 @@ def _check_snapshot(stream: str, step: Step, text: str, problems: list[str]) -> 
         )
 
 
+def _node_report(journal: Journal) -> NodeReport:
+    """The @node stream analysed (empty without a Node); a garbage row names its seq."""
+    from engine.adapters.journal import CorruptJournal
+    from engine.core.events import NODE_STREAM, parse_node_event
+    from engine.core.postmortem import analyse_node
+
+    def records() -> Iterator[tuple[int, NodeEvent]]:
+        for seq, _version, _at, type_, payload in journal.read_rows(NODE_STREAM):
+            try:
+                yield seq, parse_node_event(payload)
+            except ValueError as exc:
+                raise CorruptJournal(seq, f"unreadable {type_!r} node event: {exc}") from exc
+
+    return analyse_node(records())
+
+
 def _window(text: str | None) -> int | float | None:
     """A --since/--until bound: a sequence number, or an ISO time (UTC unless it says)."""
     if text is None:
@@ -192,6 +221,19 @@ def cmd_postmortem(args: argparse.Namespace) -> int:
     if args.health_wait <= 0:
         raise argparse.ArgumentTypeError(f"--health-wait must be positive, not {args.health_wait}")
     since, until = _window(args.since), _window(args.until)
+    journal = Journal.open(args.journal, create=False)
+    try:
+        node = _node_report(journal)
+    finally:
+        journal.close()
+    if args.slot == "@node":  # the node: every eviction and why, refusals
+        if args.json:
+            print(json.dumps(node.to_json(), indent=2))
+        else:
+            from engine.core.postmortem import render_node
+
+            print(render_node(node, args.journal), end="")
+        return 0
     steps = read_steps(args.journal, args.slot, None)
     report = analyse(
         ((step.seq, step.event, step.state) for step in steps),
@@ -207,9 +249,14 @@ def cmd_postmortem(args: argparse.Namespace) -> int:
         Path(args.html).write_text(render_html(report, args.journal, counts))
         print(f"wrote {args.html}")
     elif args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        evictions = [asdict(e) for e in node.evictions_of(args.slot)]
+        print(json.dumps({**report.to_json(), "evictions": evictions}, indent=2))
     else:
         print(render(report, args.journal), end="")
+        if node.evictions_of(args.slot):  # why was this slot's server evicted
+            from engine.core.postmortem import render_evictions
+
+            print("\n" + render_evictions(node, args.slot), end="")
     return 0
 
 
@@ -266,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--preset", help="TOML (or .ini) file of named load requests")
     serve.add_argument("--control-key-file", help="file holding the key clients must send")
     serve.add_argument("--llama-server", help="the llama-server binary (default: found)")
+    serve.add_argument(
+        "--max-servers", type=int, help="at most this many servers at once (default: by memory)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     diagram = sub.add_parser("diagram", help="write the machine as Mermaid (.mmd and .md)")
@@ -282,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_verify)
 
     postmortem = sub.add_parser(
-        "postmortem", help="phases, failures, recoveries and anomalies of a slot's history"
+        "postmortem",
+        help="phases, failures, recoveries and anomalies of a slot's history "
+        "(--slot @node: the node's evictions and why)",
     )
     postmortem.add_argument("journal", help="journal file path or SQLAlchemy URL")
     postmortem.add_argument("--slot", default="default")

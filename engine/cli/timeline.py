@@ -6,10 +6,11 @@ import argparse
 import json
 import sys
 from datetime import datetime
+from typing import cast
 
 from engine.adapters.feed import Feed
 from engine.adapters.journal import Journal, JournalError
-from engine.core.events import is_slot_stream
+from engine.core.events import Event, is_slot_stream
 from engine.core.evolve import evolve
 from engine.core.state import SlotState
 from engine.core.timeline import row
@@ -74,7 +75,8 @@ def tail(location: str, *, slot: str | None, lines: int, follow: bool, as_json: 
         for item in events:
             state = "-"
             if is_slot_stream(item.stream):
-                after = evolve(states.get(item.stream, SlotState()), item.event, item.seq)
+                event = cast(Event, item.event)
+                after = evolve(states.get(item.stream, SlotState()), event, item.seq)
                 states[item.stream], state = after, after.state
             if as_json:
                 record = {"seq": item.seq, "stream": item.stream, "state": state}

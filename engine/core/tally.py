@@ -11,7 +11,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, cast
 
 from engine.core import events as ev
 from engine.core.postmortem import PHASE_CLOSES, PHASE_OPENS
@@ -64,13 +64,12 @@ class Tally:
     slots: dict[str, SlotTally] = field(default_factory=dict)
     evictions: Counter[str] = field(default_factory=Counter)
 
-    def add(self, stream: str, event: ev.Event) -> None:
+    def add(self, stream: str, record: ev.BaseEvent) -> None:
         if not ev.is_slot_stream(stream):
-            kind: str = event.type  # node events (the @node stream) carry a cause
-            cause = getattr(event, "cause", None)
-            if kind == "evicted" and isinstance(cause, str):
-                self.evictions[cause] += 1
+            if isinstance(record, ev.Evicted):
+                self.evictions[record.cause] += 1
             return
+        event = cast(ev.Event, record)
         slot = self.slots.setdefault(stream, SlotTally())
         self._phases(slot, event)
         match event:

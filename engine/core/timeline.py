@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from engine.core.events import Event
+from engine.core.events import BaseEvent
 
 # Fields too bulky or too internal for a one-line summary.
 _OMIT = frozenset({"type", "schema_version", "at", "load_id", "argv", "log_tail", "marker"})
@@ -22,7 +22,7 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def key_fields(event: Event) -> str:
+def key_fields(event: BaseEvent) -> str:
     """`name=value` pairs for the fields that say what happened (defaults left out)."""
     data = event.model_dump(exclude=set(_OMIT), exclude_defaults=True)
     return " ".join(f"{name}={_short(value)}" for name, value in data.items())
@@ -36,9 +36,9 @@ def delta(at: float, previous: float | None) -> str:
     return "" if previous is None else f"+{at - previous:.3f}s"
 
 
-def row(seq: int, at: float, previous: float | None, event: Event, state: str) -> str:
+def row(seq: int, at: float, previous: float | None, event: BaseEvent, state: str) -> str:
     """One timeline line: seq, time, time since the previous event, event, state after, facts."""
     return (
         f"{seq:>6}  {clock(at):23}  {delta(at, previous):>9}  "
-        f"{event.type:22} {state:12} {key_fields(event)}"
+        f"{event.kind:22} {state:12} {key_fields(event)}"
     )

@@ -431,6 +431,69 @@ def bench_hub_repeat(folder: Path, rounds: int) -> None:
     )
 
 
+def bench_node(folder: Path, rounds: int) -> None:
+    """Node admission: the decision with 16 slots (pure, and as the node gathers it), and a
+    real load that needs one eviction vs one that needs none."""
+    from engine.core import eviction
+    from engine.node import Node
+    from tests.fakes import FakeEffects
+
+    mib = 1 << 20
+    residents = [
+        eviction.Resident(f"s{i}", (100 + i) * mib, measured=True, last_used=float(i))
+        for i in range(15)
+    ]
+    capacity = eviction.Capacity(64 << 30, limit_bytes=1600 * mib, max_servers=16)
+    pure = []
+    for _ in range(2000):
+        start = time.perf_counter()
+        eviction.decide("new", 500 * mib, residents, capacity)  # evicts 4, LRU first
+        pure.append(time.perf_counter() - start)
+    effects = FakeEffects()
+    model = folder / "fake.gguf"
+    model.write_bytes(b"GGUF")
+    gathered = []
+    with Node.open(folder / "node-fake.db", effects=effects, monitor=False) as node:
+        for i in range(16):
+            node.load(f"s{i}", {"model_path": str(model)})
+        for _ in range(2000):
+            start = time.perf_counter()
+            with node._admission:
+                eviction.decide("s0", 500 * mib, node._residents(), capacity)
+            gathered.append(time.perf_counter() - start)
+    _row(
+        "node admission decision, 16 slots (pure)",
+        f"{statistics.median(pure) * 1e6:.1f} us (p99 {_pct(pure, 0.99) * 1e6:.1f})",
+        "target <= 100 us (median)",
+    )
+    _row(
+        "  as the node gathers it (locks, 16 engines)",
+        f"{statistics.median(gathered) * 1e6:.1f} us (p99 {_pct(gathered, 0.99) * 1e6:.1f})",
+        "target <= 100 us (median)",
+    )
+
+    models = [str(write_tiny_model(folder / f"node-m{i}.gguf", seed=i)) for i in range(3)]
+    evicting, fitting = [], []
+    with Node.open(folder / "node.db", run_dir=folder / "run-node", max_servers=2) as node:
+        node.load("a", {"model_path": models[0]})
+        node.load("b", {"model_path": models[1]})
+        for _ in range(rounds):
+            start = time.perf_counter()  # two servers up: c evicts the least recently used
+            assert node.load("c", {"model_path": models[2]}).ok
+            evicting.append(time.perf_counter() - start)
+            gone = next(n for n in ("a", "b") if node.slot(n).status().state == "idle")
+            node.unload("c")
+            start = time.perf_counter()  # one server up: fits without evicting
+            assert node.load(gone, {"model_path": models[0 if gone == "a" else 1]}).ok
+            fitting.append(time.perf_counter() - start)
+    need, none = statistics.median(evicting), statistics.median(fitting)
+    _row(
+        "node load needing one eviction vs none",
+        f"{need * 1000:.0f} vs {none * 1000:.0f} ms = {need / none:.2f}x",
+        "(median; the eviction is a SIGTERM + wait)",
+    )
+
+
 def main() -> int:
     quick = "--quick" in sys.argv
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
@@ -443,6 +506,7 @@ def main() -> int:
         bench_reload(folder, 3 if quick else 10)
         bench_hub_repeat(folder, 3 if quick else 10)
         bench_settle()
+        bench_node(folder, 3 if quick else 8)
     return 0
 
 

@@ -91,7 +91,13 @@ def _our_servers(journal: Path) -> list[int]:
         return []
     opened = Journal.open(journal, create=False)
     try:
-        pids = [r.event.pid for r in opened.read("default") if isinstance(r.event, ev.Spawned)]
+        pids = [
+            r.event.pid
+            for stream in opened.streams()
+            if ev.is_slot_stream(stream)
+            for r in opened.read(stream)
+            if isinstance(r.event, ev.Spawned)
+        ]
     finally:
         opened.close()
     return [pid for pid in pids if _alive(pid)]
@@ -130,7 +136,8 @@ def test_openai_client_chats_through_the_service_loading_on_demand(service: Serv
     assert service.post("/models/unload", {"model": "chat"}).json() == {"success": True}
     assert service.status_of("chat") == "unloaded"
     metrics = service.get("/metrics").text
-    assert 'studio_engine_loads_total{outcome="loaded",slot="default"} 1.0' in metrics
+    assert 'studio_engine_loads_total{outcome="loaded",slot="chat"} 1.0' in metrics
+    assert 'studio_engine_evictions_total{cause="manual"} 1.0' in metrics
 
 
 def test_sse_streams_the_lifecycle_in_journal_order(service: Service) -> None:
@@ -168,10 +175,10 @@ def test_sse_streams_the_lifecycle_in_journal_order(service: Service) -> None:
 
     journal = Journal.open(service.journal, create=False)
     try:
-        journaled = [r.event.type for r in journal.read("default")]
+        journaled = [r.event.type for r in journal.read("chat")]
     finally:
         journal.close()
-    streamed = [e["event"]["type"] for e in events]  # type: ignore[index]
+    streamed = [e["event"]["type"] for e in events if e["stream"] == "chat"]  # type: ignore[index]
     assert streamed == journaled
     assert streamed[0] == "load_requested" and "load_succeeded" in streamed
     values = [m["status"]["value"] for m in models]  # type: ignore[index]

@@ -163,6 +163,7 @@ def test_the_folders_hold_what_the_readme_says() -> None:
         "engine.core",
         "engine.effects",
         "engine.metrics",
+        "engine.node",
         "engine.orchestrator",
         "engine.recovery",
         "engine.replay",

@@ -103,4 +103,5 @@ def test_vram_used_by_a_pid(nvml: FakeNvml) -> None:
     nvml.processes = {0: [(42, 500 * MIB), (7, 1 * MIB)], 2: [(42, 100 * MIB)]}
     probe = NvmlProbe(visible_devices="0,1,2")
     assert probe.used_by(42) == 600 * MIB
-    assert probe.used_by(99) == 0
+    assert probe.used_by_gpu(42) == [(0, 500 * MIB), (2, 100 * MIB)]
+    assert probe.used_by(99) == 0 and probe.used_by_gpu(99) == []

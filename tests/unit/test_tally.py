@@ -32,9 +32,11 @@ def test_phase_durations_are_the_ones_postmortem_reports() -> None:
 def test_crashes_by_kind_and_evictions_by_cause() -> None:
     tally = Tally()
     tally.add("default", ev.Crashed(at=1.0, pid=7, returncode=-9))
-    tally.add("@node", ev.LoadJoined(at=1.0, load_id="x", joined_load_id="y"))  # not counted
+    tally.add("@node", ev.Evicted(at=2.0, slot="chat", cause="capacity", idle_s=3.0,
+                                  freed_bytes=1 << 20))  # fmt: skip
+    tally.add("@node", ev.SlotPinned(at=2.0, slot="chat", pinned=True))
     assert tally.slots["default"].crashes == {"crashed": 1}
-    assert not tally.evictions and "@node" not in tally.slots
+    assert tally.evictions == {"capacity": 1} and "@node" not in tally.slots
 
 
 def test_histogram_buckets_are_cumulative() -> None:
