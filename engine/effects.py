@@ -14,6 +14,7 @@ from typing import Literal, Protocol
 from pydantic import SecretStr
 
 from engine.core.admission import MemoryBudget
+from engine.core.capabilities import ServerCapabilities
 from engine.core.events import LoadSpec, ResolvedModel
 from engine.core.state import ServerProcess
 
@@ -100,6 +101,10 @@ class Effects(Protocol):
     binary: str
 
     def now(self) -> float: ...  # wall clock, seconds since the epoch
+
+    def capabilities(self) -> ServerCapabilities:
+        """What the binary accepts, from its own `--help` (probed once per binary identity)."""
+        ...
 
     def monotonic(self) -> float: ...
 

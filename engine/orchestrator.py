@@ -45,6 +45,7 @@ from engine.core.decide import (
 )
 from engine.core.errors import EngineError, StepFailed
 from engine.core.evolve import evolve
+from engine.core.policy import canonical_allow
 from engine.core.request import LoadRequest, LoadResult, Status, as_request, to_spec
 from engine.core.rules import InvalidRequest, same_target
 from engine.core.snapshot import encode as encode_snapshot
@@ -103,6 +104,7 @@ class Engine:
         threads: int | None = None,
         memory_limit: int | None = None,
         snapshot_every: int = SNAPSHOT_EVERY,
+        allow_flags: frozenset[str] | set[str] | tuple[str, ...] = frozenset(),
     ) -> None:
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0 (0 = off), not {snapshot_every!r}")
@@ -110,12 +112,16 @@ class Engine:
         self.journal = journal
         self.journal_id = journal_id(journal)
         self.effects = effects
+        # The binary's own flags; `allow_flags` opens exceptions to the policy (canonical).
+        self.capabilities = effects.capabilities()
+        self.allow_flags = canonical_allow(self.capabilities, allow_flags)
         self.settings = SlotSettings(
             health_timeout=health_timeout,
             kill_grace=kill_grace,
             settle_max_wait=settle_max_wait,
             threads=threads,
             memory_limit=memory_limit,
+            allow_flags=self.allow_flags,
         )
         self._snapshot_every = snapshot_every
         self._lease: Lease | None = None  # set by open(): this engine's claim on the slot
@@ -290,7 +296,12 @@ class Engine:
         """Load (or reload) the slot's model. Serial per slot; the latest different load wins,
         an identical one joins the load in flight."""
         request = as_request(request)
-        spec = to_spec(request, locate_model_file)  # InvalidRequest before anything is journaled
+        spec = to_spec(  # InvalidRequest before anything is journaled
+            request,
+            locate_model_file,
+            capabilities=self.capabilities,
+            allow_flags=self.allow_flags,
+        )
         with self._state_lock:
             joined = next(
                 (f for f in reversed(self._flights) if f.spec == spec and not f.token.cancelled),

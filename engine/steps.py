@@ -23,6 +23,7 @@ from engine.core import admission
 from engine.core import events as ev
 from engine.core.cmdline import build_argv
 from engine.core.errors import EngineError, StepFailed
+from engine.core.policy import check_extra_args
 from engine.core.rules import effective_extra_args
 from engine.core.state import SlotState
 from engine.effects import CancelToken, DownloadProgress, Effects, FileProgress
@@ -37,6 +38,7 @@ class SlotSettings:
     settle_max_wait: float
     threads: int | None
     memory_limit: int | None  # bytes this slot may use at most (None = the host's)
+    allow_flags: frozenset[str] = frozenset()  # policy exceptions (canonical names)
 
 
 class Slot(Protocol):
@@ -84,6 +86,10 @@ def admit(engine: Slot) -> None:
     pending = state.pending
     assert pending is not None and pending.model is not None
     extra_args = launch_extra_args(state)
+    if pending.spec.extra_args is None:
+        # Inherited extras passed the policy when they were stored; the operator's allow_flags
+        # (or the binary) may have changed since. Refused here, the old server keeps serving.
+        check_extra_args(extra_args, engine.effects.capabilities(), engine.settings.allow_flags)
     need = admission.estimate(pending.model, pending.spec, extra_args)
     budget = replace(
         engine.effects.memory_budget(state.process), limit_bytes=engine.settings.memory_limit

@@ -8,10 +8,21 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from engine.core.admission import MemoryBudget
+from engine.core.capabilities import ServerCapabilities, parse_help
 from engine.core.errors import StepFailed
 from engine.core.events import LoadSpec, ResolvedModel
 from engine.core.state import ServerProcess
 from engine.effects import CancelToken, DownloadListener, Exited, Health
+
+HELP_FIXTURE = Path(__file__).parent / "fixtures" / "llama-server-help.txt"
+_CAPABILITIES: list[ServerCapabilities] = []
+
+
+def fixture_capabilities() -> ServerCapabilities:
+    """The flags of the real llama-server this project builds (its saved `--help`)."""
+    if not _CAPABILITIES:
+        _CAPABILITIES.append(parse_help(HELP_FIXTURE.read_text()))
+    return _CAPABILITIES[0]
 
 
 class FakeEffects:
@@ -38,6 +49,9 @@ class FakeEffects:
 
     def monotonic(self) -> float:
         return self.now()
+
+    def capabilities(self) -> ServerCapabilities:
+        return fixture_capabilities()
 
     def resolve(
         self,

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from engine.core.events import SCHEMA_VERSION, BaseEvent, Event, parse_event
-from engine.core.rules import HF_TOKEN_PATTERN
+from engine.core.scrub import looks_secret
 
 metadata = sa.MetaData()
 
@@ -125,7 +125,7 @@ def _prepare_sqlite_file(url: sa.URL, create: bool) -> None:
 
 
 def _check_payload(payload: str) -> None:
-    if HF_TOKEN_PATTERN.search(payload):
+    if looks_secret(payload):
         raise SecretInPayload("refusing to journal an event that contains a token-like string")
 
 

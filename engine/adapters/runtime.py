@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from engine.adapters import process as proc
 from engine.adapters.binary import ServerBinary
+from engine.adapters.capabilities import probe_capabilities
 from engine.adapters.gpu import NvmlProbe
 from engine.adapters.health import HealthClient
 from engine.adapters.hub import Hub
@@ -20,6 +21,7 @@ from engine.adapters.journal import Journal
 from engine.adapters.local_models import resolve_local
 from engine.adapters.memory import memory_budget
 from engine.core.admission import MemoryBudget
+from engine.core.capabilities import ServerCapabilities
 from engine.core.errors import StepFailed
 from engine.core.events import LoadSpec, ResolvedModel
 from engine.core.state import ServerProcess
@@ -34,9 +36,16 @@ class RealEffects:
         self._health = HealthClient()
         self._vram = NvmlProbe()
         self.hub = Hub(journal)  # the journal keeps the hub probe cache across restarts
+        # Probed (or read from the journal's `@capabilities`) once, here: a bad binary fails open.
+        self._capabilities = probe_capabilities(
+            self.binary, {**os.environ, **binary.env}, journal
+        )
 
     now = staticmethod(time.time)
     monotonic = staticmethod(time.monotonic)
+
+    def capabilities(self) -> ServerCapabilities:
+        return self._capabilities
 
     def resolve(
         self,

@@ -7,7 +7,7 @@ first-class settings the engine manages come before them (FIELD-NOTES.md).
 from __future__ import annotations
 
 from engine.core.events import LoadSpec, ResolvedModel
-from engine.core.rules import flag_name, normal_speculative
+from engine.core.rules import normal_speculative
 
 SPECULATIVE_FLAGS: dict[str, tuple[str, ...]] = {
     "default": ("--spec-default",),
@@ -46,7 +46,7 @@ def build_argv(
     argv.append("--jinja")
     if spec.cache_type_kv:
         argv += ["--cache-type-k", spec.cache_type_kv, "--cache-type-v", spec.cache_type_kv]
-    user_flags = {flag_name(token) for token in extra_args}
+    user_flags = set(extra_args)  # canonical tokens (engine.core.policy)
     if not user_flags & {"--spec-type", "--spec-default"}:
         argv += SPECULATIVE_FLAGS[normal_speculative(spec.speculative_type, model.is_vision)]
     if template_file:

@@ -350,3 +350,25 @@ class HubProbed(BaseEvent):
 
 
 HUB_PROBED_ADAPTER: TypeAdapter[HubProbed] = TypeAdapter(HubProbed)
+
+
+# --- the capability probe cache: one record per llama-server binary identity -------------------
+
+CAPABILITIES_STREAM = "@capabilities"
+
+
+class CapabilitiesProbed(BaseEvent):
+    """`llama-server --help` of one binary, keyed by its identity (path, size, mtime).
+
+    The help text itself is stored (not the parsed flags), so a better parser reads old
+    records correctly; engine.core.capabilities.parse_help turns it into flags.
+    """
+
+    type: Literal["capabilities_probed"] = "capabilities_probed"
+    binary: str
+    size_bytes: int
+    mtime_ns: int
+    help_text: str
+
+
+CAPABILITIES_PROBED_ADAPTER: TypeAdapter[CapabilitiesProbed] = TypeAdapter(CapabilitiesProbed)
