@@ -129,7 +129,20 @@ class Effects(Protocol):
 
     def template_file(self, template: str) -> str: ...
 
+    def api_key_file(self, load_id: str) -> str | None:
+        """A fresh random API key for this load's server, written to a 0600 file whose path
+        goes in argv (the key never does); None when the engine runs servers without a key."""
+        ...
+
+    def api_key(self, load_id: str) -> SecretStr | None:
+        """The key of `load_id`'s server (memory; after a restart, its 0600 file)."""
+        ...
+
     def spawn(self, argv: Sequence[str], marker: str, log_path: str) -> tuple[int, float]: ...
+
+    def owns_port(self, pid: int, port: int) -> bool:
+        """Whether the socket listening on `port` belongs to `pid` (not to another user's)."""
+        ...
 
     def exit_status(self, process: ServerProcess) -> Exited | None:
         """None while the process (same pid *and* create_time) is alive."""

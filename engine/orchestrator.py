@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,7 @@ from engine.core.evolve import evolve
 from engine.core.policy import canonical_allow
 from engine.core.request import LoadRequest, LoadResult, Status, as_request, to_spec
 from engine.core.rules import InvalidRequest, same_target
+from engine.core.scrub import scrub, scrub_optional
 from engine.core.snapshot import encode as encode_snapshot
 from engine.core.state import SlotState
 from engine.effects import Cancelled, CancelToken, DownloadProgress, Effects
@@ -148,6 +149,8 @@ class Engine:
         monitor: bool = True,
         synchronous: str = "FULL",
         lease_ttl: float = LEASE_TTL_S,
+        child_env: Mapping[str, str] | None = None,
+        server_api_key: Literal["generate"] | None = "generate",
         **options: Any,
     ) -> Engine:
         """Open the journal, lease the slot, replay it, reconcile with reality, start the
@@ -155,6 +158,9 @@ class Engine:
 
         A missing or broken llama-server is an error here, not at the first load; so is a slot
         another live engine manages (`engine.adapters.lease.SlotBusy`).
+
+        Each server gets a fresh random API key (`server_api_key=None`: none, for a backend
+        that proxies without one) and an allow-listed environment plus `child_env`.
         """
         binary = locate_server(llama_server) if effects is None else None
         journal = Journal.open(journal_url, synchronous=synchronous)
@@ -166,7 +172,13 @@ class Engine:
 
                 assert binary is not None
                 directory = Path(run_dir) if run_dir is not None else default_run_dir(journal)
-                effects = RealEffects(binary, directory, journal)
+                effects = RealEffects(
+                    binary,
+                    directory,
+                    journal,
+                    child_env=child_env,
+                    server_api_key=server_api_key is not None,
+                )
             engine = cls(journal, effects, slot=slot, **options)
             engine._lease = lease
             engine._recover()
@@ -290,6 +302,8 @@ class Engine:
             queued_loads=len(self._flights),
             last_error=state.last_error,
             journal_version=state.version,
+            api_key=self.effects.api_key(process.load_id) if process else None,
+            base_url=f"http://127.0.0.1:{process.port}" if process else None,
         )
 
     def load(self, request: LoadRequest | dict[str, Any]) -> LoadResult:
@@ -391,6 +405,7 @@ class Engine:
         error: str,
         log_tail: str | None = None,
     ) -> LoadResult:
+        error = scrub(error, self._secrets())  # errors reach the journal and the caller
         while self._state.pending is not None and self._state.pending.load_id == load_id:
             step = abort_step(self._state, outcome, error, self.effects.now())
             if isinstance(step, Kill):
@@ -398,7 +413,7 @@ class Engine:
             else:
                 assert isinstance(step, Emit)
                 events = [
-                    e.model_copy(update={"log_tail": log_tail})
+                    e.model_copy(update={"log_tail": scrub_optional(log_tail, self._secrets())})
                     if isinstance(e, ev.LoadFailed)
                     else e
                     for e in step.events
@@ -418,9 +433,16 @@ class Engine:
             pid=process.pid if process else None,
             port=process.port if process else None,
             model_file=state.serving.model.model_file if state.serving else None,
-            error=error,
-            log_tail=log_tail,
+            error=scrub_optional(error, self._secrets()),
+            log_tail=scrub_optional(log_tail, self._secrets()),
+            api_key=self.effects.api_key(process.load_id) if process else None,
         )
+
+    def _secrets(self) -> list[str]:
+        """Literal secrets no error or log tail may show: the live server's key."""
+        process = self._state.process
+        key = self.effects.api_key(process.load_id) if process else None
+        return [key.get_secret_value()] if key is not None else []
 
     def _emit_all(self, events: list[ev.Event] | tuple[ev.Event, ...]) -> None:
         if events:

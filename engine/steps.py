@@ -10,6 +10,7 @@ engine.recovery imports the orchestrator.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -26,7 +27,11 @@ from engine.core.errors import EngineError, StepFailed
 from engine.core.policy import check_extra_args
 from engine.core.rules import effective_extra_args
 from engine.core.state import SlotState
-from engine.effects import CancelToken, DownloadProgress, Effects, FileProgress
+from engine.effects import CancelToken, DownloadProgress, Effects, Exited, FileProgress
+
+MAX_SPAWN_RETRIES = 3
+# What llama-server logs when another socket holds its port.
+PORT_IN_USE = re.compile(r"couldn't bind|address already in use", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +194,7 @@ def spawn(engine: Slot, token: CancelToken) -> None:
         port=port,
         threads=engine.settings.threads,
         template_file=effects.template_file(template) if template is not None else None,
+        api_key_file=effects.api_key_file(pending.load_id),
     )
     marker = make_marker(engine.journal_id, engine.slot, pending.load_id)
     log_path = effects.log_path(pending.load_id)
@@ -233,6 +239,10 @@ def await_health(engine: Slot, token: CancelToken) -> None:
             )
         )
         raise StepFailed(str(exc), tail) from exc
+    if exited is None and not effects.owns_port(process.pid, process.port):
+        # A 200 from a listener that is not our server: never `loaded` on someone else's port.
+        retry_spawn(engine, exited)
+        return
     if exited is None:
         engine.emit(
             ev.HealthPassed(
@@ -243,6 +253,9 @@ def await_health(engine: Slot, token: CancelToken) -> None:
         )
         return
     tail = effects.log_tail(process.log_path)
+    if PORT_IN_USE.search(tail):
+        retry_spawn(engine, exited)
+        return
     error = f"llama-server exited with code {exited.returncode} before it was healthy"
     reported = server_error(tail)
     if reported:
@@ -263,6 +276,43 @@ def await_health(engine: Slot, token: CancelToken) -> None:
         ),
     )
     raise StepFailed(error, tail)
+
+
+def retry_spawn(engine: Slot, exited: Exited | None) -> None:
+    """Our server could not own its port: make sure it is dead, then spawn again on a new
+    port (journaled as spawn_retried), at most MAX_SPAWN_RETRIES times."""
+    state = engine.state
+    process, pending = state.process, state.pending
+    assert process is not None and pending is not None
+    effects = engine.effects
+    if pending.spawn_retries >= MAX_SPAWN_RETRIES:
+        error = (
+            f"port {process.port} was taken by another listener; gave up after "
+            f"{MAX_SPAWN_RETRIES} retries on new ports"
+        )
+        tail = effects.log_tail(process.log_path)
+        engine.emit(ev.HealthFailed(at=effects.now(), load_id=pending.load_id, error=error))
+        raise StepFailed(error, tail)  # the abort kills our server if it still runs
+    if exited is None:
+        kill(engine, "failure")
+    else:
+        engine.emit(
+            ev.ProcessExited(
+                at=effects.now(),
+                load_id=pending.load_id,
+                pid=process.pid,
+                returncode=exited.returncode,
+            )
+        )
+    engine.emit(
+        ev.SpawnRetried(
+            at=effects.now(),
+            load_id=pending.load_id,
+            attempt=pending.spawn_retries + 1,
+            failure_kind="port_in_use",
+            port=process.port,
+        )
+    )
 
 
 class DownloadRecorder:

@@ -42,6 +42,8 @@ class FakeEffects:
         self.max_alive = 0
         self.available_ram = 64 << 30
         self.gpus: list[tuple[int, int]] = []  # (index, free MiB); empty = CPU-only host
+        self.keys: dict[str, str] = {}
+        self.foreign_ports: set[int] = set()  # another user's listener answers /health there
 
     def now(self) -> float:
         self.clock += 0.001
@@ -75,6 +77,17 @@ class FakeEffects:
 
     def template_file(self, template: str) -> str:
         return "/fake/template.jinja"
+
+    def api_key_file(self, load_id: str) -> str | None:
+        self.keys[load_id] = f"key-{load_id}"
+        return f"/fake/keys/{load_id}.key"
+
+    def api_key(self, load_id: str) -> SecretStr | None:
+        key = self.keys.get(load_id)
+        return SecretStr(key) if key is not None else None
+
+    def owns_port(self, pid: int, port: int) -> bool:
+        return port not in self.foreign_ports
 
     def spawn(self, argv: Sequence[str], marker: str, log_path: str) -> tuple[int, float]:
         self.next_pid += 1

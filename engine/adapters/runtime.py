@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import socket
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -24,15 +26,27 @@ from engine.core.admission import MemoryBudget
 from engine.core.capabilities import ServerCapabilities
 from engine.core.errors import StepFailed
 from engine.core.events import LoadSpec, ResolvedModel
+from engine.core.scrub import scrub
 from engine.core.state import ServerProcess
 from engine.effects import CancelToken, DownloadListener, Exited, Health
 
 
 class RealEffects:
-    def __init__(self, binary: ServerBinary, run_dir: Path, journal: Journal | None = None) -> None:
+    def __init__(
+        self,
+        binary: ServerBinary,
+        run_dir: Path,
+        journal: Journal | None = None,
+        *,
+        child_env: Mapping[str, str] | None = None,
+        server_api_key: bool = True,
+    ) -> None:
         self.binary = str(binary.path)
         self.run_dir = run_dir
-        self.processes = proc.ProcessManager(binary.env)
+        private_dir(run_dir)  # logs, keys and templates of every server: 0700
+        self.processes = proc.ProcessManager(binary.env, child_env=child_env)
+        self._server_api_key = server_api_key
+        self._keys: dict[str, SecretStr] = {}  # load id -> its server's key (memory only)
         self._health = HealthClient()
         self._vram = NvmlProbe()
         self.hub = Hub(journal)  # the journal keeps the hub probe cache across restarts
@@ -66,17 +80,35 @@ class RealEffects:
             return int(sock.getsockname()[1])
 
     def log_path(self, load_id: str) -> str:
-        return str(self.run_dir / "logs" / f"{load_id}.log")
+        return str(private_dir(self.run_dir / "logs") / f"{load_id}.log")
 
     def template_file(self, template: str) -> str:
+        # Named by content hash, and written fresh every time: a file already there is never
+        # trusted (someone may have swapped it between two loads).
         digest = hashlib.sha256(template.encode()).hexdigest()[:16]
-        path = self.run_dir / "templates" / f"{digest}.jinja"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            staging = path.with_suffix(f".{os.getpid()}.tmp")
-            staging.write_text(template)
-            staging.replace(path)
+        folder = private_dir(self.run_dir / "templates")
+        return str(write_private(folder / f"{digest}.jinja", template))
+
+    def api_key_file(self, load_id: str) -> str | None:
+        if not self._server_api_key:
+            return None
+        key = secrets.token_urlsafe(32)
+        path = write_private(private_dir(self.run_dir / "keys") / f"{load_id}.key", key + "\n")
+        self._keys[load_id] = SecretStr(key)
         return str(path)
+
+    def api_key(self, load_id: str) -> SecretStr | None:
+        key = self._keys.get(load_id)
+        if key is None and self._server_api_key:
+            try:  # a server adopted after a restart: its key is in its 0600 file
+                text = (self.run_dir / "keys" / f"{load_id}.key").read_text().strip()
+            except OSError:
+                return None
+            key = self._keys[load_id] = SecretStr(text)
+        return key
+
+    def owns_port(self, pid: int, port: int) -> bool:
+        return proc.listens_on(pid, port)
 
     def spawn(self, argv: Sequence[str], marker: str, log_path: str) -> tuple[int, float]:
         try:
@@ -97,7 +129,7 @@ class RealEffects:
         return self._health(port)
 
     def log_tail(self, log_path: str) -> str:
-        return proc.log_tail(log_path)
+        return scrub(proc.log_tail(log_path), [k.get_secret_value() for k in self._keys.values()])
 
     def probe_vram(self) -> list[tuple[int, int]]:
         return self._vram()
@@ -114,3 +146,24 @@ class RealEffects:
     def close(self) -> None:
         self._health.close()
         self._vram.close()
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only its owner can enter (0700), created if need be."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write `text` to `path` atomically, mode 0600 from the first byte."""
+    fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return path

@@ -26,13 +26,17 @@ def build_argv(
     port: int,
     threads: int | None = None,
     template_file: str | None = None,
+    api_key_file: str | None = None,
+    host: str = "127.0.0.1",
 ) -> tuple[str, ...]:
+    """`host` may be a Unix socket path ending in `.sock`; the key is passed as a file (0600),
+    never in argv, which every local user can read in /proc/<pid>/cmdline."""
     argv = [
         binary,
         "-m",
         model.model_file,
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         "-c",
@@ -41,6 +45,8 @@ def build_argv(
         "1",
         "--no-context-shift",
     ]
+    if api_key_file:
+        argv += ["--api-key-file", api_key_file]
     if threads:
         argv += ["--threads", str(threads)]
     argv.append("--jinja")

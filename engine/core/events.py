@@ -220,6 +220,16 @@ class Spawned(BaseEvent):
     create_time: float
 
 
+class SpawnRetried(BaseEvent):
+    """The spawned server could not own its port (a foreign listener answered /health, or it
+    logged "couldn't bind"): it is confirmed dead, and the load spawns again on a new port."""
+
+    type: Literal["spawn_retried"] = "spawn_retried"
+    attempt: int  # 1 for the first retry
+    failure_kind: Literal["port_in_use"]
+    port: int  # the port that was taken
+
+
 class HealthPassed(BaseEvent):
     type: Literal["health_passed"] = "health_passed"
     waited_s: float
@@ -293,6 +303,7 @@ Event = Annotated[
     | Settled
     | SpawnStarted
     | Spawned
+    | SpawnRetried
     | HealthPassed
     | HealthFailed
     | UnloadRequested

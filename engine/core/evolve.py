@@ -88,6 +88,14 @@ def _spawned(state: SlotState, e: ev.Spawned) -> Changes:
     return dict(process=replace(state.process, pid=e.pid, create_time=e.create_time))
 
 
+@_on(ev.SpawnRetried)
+def _spawn_retried(state: SlotState, e: ev.SpawnRetried) -> Changes:
+    pending = _pending(state)
+    # Settled already: the retry spawns at once; the dead server's launch is forgotten.
+    retried = replace(pending, launch=None, settled=True, health_passed=False, error=None)
+    return dict(pending=replace(retried, spawn_retries=e.attempt), process=None)
+
+
 @_on(ev.HealthPassed)
 def _health_passed(state: SlotState, e: ev.HealthPassed) -> Changes:
     return dict(pending=replace(_pending(state), health_passed=True))

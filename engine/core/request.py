@@ -157,6 +157,7 @@ class LoadResult:
     error: str | None = None
     log_tail: str | None = None
     joined: bool = False  # this call joined an identical load already in flight
+    api_key: SecretStr | None = None  # the server's key (memory only; None = no key)
 
     @property
     def ok(self) -> bool:
@@ -181,6 +182,9 @@ class Status:
     queued_loads: int  # load calls accepted and not yet returned (in flight + waiting)
     last_error: str | None
     journal_version: int
+    api_key: SecretStr | None = None  # send as `Authorization: Bearer ...` (never journaled)
+    base_url: str | None = None  # http://127.0.0.1:PORT, or http://localhost over `socket_path`
+    socket_path: str | None = None  # listen="unix": the server's Unix socket
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -46,6 +46,7 @@ class PendingLoad:
     launch: LoadedModel | None = None  # set at spawn_started: what the new server gets
     health_passed: bool = False
     error: str | None = None
+    spawn_retries: int = 0  # spawns retried because the port was taken (at most 3)
 
 
 @dataclass(frozen=True, slots=True)
