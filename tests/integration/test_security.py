@@ -51,7 +51,7 @@ def test_every_attack_of_the_issue_is_refused_naming_the_flag(
 
 
 class _Impostor(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         self.send_response(200)
         self.end_headers()
         self.wfile.write(b'{"status":"ok"}')
