@@ -24,6 +24,7 @@ from pydantic import SecretStr
 
 from engine import steps
 from engine.adapters.binary import locate_server
+from engine.adapters.health import ServerStatus
 from engine.adapters.journal import Journal
 from engine.adapters.lease import LEASE_TTL_S, Lease
 from engine.adapters.local_models import locate_model_file
@@ -151,6 +152,7 @@ class Engine:
         lease_ttl: float = LEASE_TTL_S,
         child_env: Mapping[str, str] | None = None,
         server_api_key: Literal["generate"] | None = "generate",
+        listen: Literal["tcp", "unix"] = "tcp",
         **options: Any,
     ) -> Engine:
         """Open the journal, lease the slot, replay it, reconcile with reality, start the
@@ -161,7 +163,14 @@ class Engine:
 
         Each server gets a fresh random API key (`server_api_key=None`: none, for a backend
         that proxies without one) and an allow-listed environment plus `child_env`.
+        `listen="unix"` runs servers on a Unix socket in the 0700 run folder.
         """
+        if listen not in ("tcp", "unix"):
+            raise ValueError(f"listen must be 'tcp' or 'unix', not {listen!r}")
+        if server_api_key not in ("generate", None):
+            raise ValueError(
+                "server_api_key must be 'generate' (a fresh key per server) or None (no key)"
+            )
         binary = locate_server(llama_server) if effects is None else None
         journal = Journal.open(journal_url, synchronous=synchronous)
         lease: Lease | None = None
@@ -178,6 +187,7 @@ class Engine:
                     journal,
                     child_env=child_env,
                     server_api_key=server_api_key is not None,
+                    listen=listen,
                 )
             engine = cls(journal, effects, slot=slot, **options)
             engine._lease = lease
@@ -271,12 +281,13 @@ class Engine:
             return None
         return download
 
-    def status(self) -> Status:
+    def status(self) -> ServerStatus:
         state = self._state  # one immutable snapshot: never waits for a load in progress
         served = state.serving or (state.pending.launch if state.pending else None)
         spec = served.spec if served else (state.pending.spec if state.pending else None)
         process = state.process
-        return Status(
+        socket_path = process.socket_path if process else None
+        return ServerStatus(
             state=state.state,
             slot=self.slot,
             pid=process.pid if process and process.pid else None,
@@ -303,7 +314,14 @@ class Engine:
             last_error=state.last_error,
             journal_version=state.version,
             api_key=self.effects.api_key(process.load_id) if process else None,
-            base_url=f"http://127.0.0.1:{process.port}" if process else None,
+            base_url=(
+                None
+                if process is None
+                else "http://localhost"
+                if socket_path
+                else f"http://127.0.0.1:{process.port}"
+            ),
+            socket_path=socket_path,
         )
 
     def load(self, request: LoadRequest | dict[str, Any]) -> LoadResult:

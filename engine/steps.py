@@ -184,7 +184,8 @@ def spawn(engine: Slot, token: CancelToken) -> None:
     assert pending is not None and pending.model is not None
     effects = engine.effects
     extra_args = launch_extra_args(state)
-    port = effects.free_port()
+    socket_path = effects.socket_path(pending.load_id)
+    port = 0 if socket_path is not None else effects.free_port()
     template = pending.spec.chat_template_override
     argv = build_argv(
         effects.binary,
@@ -195,6 +196,7 @@ def spawn(engine: Slot, token: CancelToken) -> None:
         threads=engine.settings.threads,
         template_file=effects.template_file(template) if template is not None else None,
         api_key_file=effects.api_key_file(pending.load_id),
+        host=socket_path or "127.0.0.1",
     )
     marker = make_marker(engine.journal_id, engine.slot, pending.load_id)
     log_path = effects.log_path(pending.load_id)
@@ -209,6 +211,7 @@ def spawn(engine: Slot, token: CancelToken) -> None:
             log_path=log_path,
             extra_args=extra_args,
             extra_args_source=pending.model.source,
+            socket_path=socket_path,
         )
     )
     pid, create_time = effects.spawn(argv, marker, log_path)
@@ -225,7 +228,7 @@ def await_health(engine: Slot, token: CancelToken) -> None:
     start = effects.monotonic()
     try:
         exited = health.await_health(
-            lambda: effects.health(process.port),
+            lambda: effects.health(process.port, socket_path=process.socket_path),
             lambda: effects.exit_status(process),
             token,
             engine.settings.health_timeout,
@@ -239,7 +242,9 @@ def await_health(engine: Slot, token: CancelToken) -> None:
             )
         )
         raise StepFailed(str(exc), tail) from exc
-    if exited is None and not effects.owns_port(process.pid, process.port):
+    # A Unix socket lives in our 0700 run folder: nobody else can have bound it.
+    foreign = process.socket_path is None and not effects.owns_port(process.pid, process.port)
+    if exited is None and foreign:
         # A 200 from a listener that is not our server: never `loaded` on someone else's port.
         retry_spawn(engine, exited)
         return

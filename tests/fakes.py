@@ -114,7 +114,10 @@ class FakeEffects:
     def kill(self, process: ServerProcess, grace: float) -> Exited | None:
         return self.terminate(process, grace)
 
-    def health(self, port: int) -> Health:
+    def socket_path(self, load_id: str) -> str | None:
+        return None
+
+    def health(self, port: int, *, socket_path: str | None = None) -> Health:
         return "down" if port in self.crashy_ports else "ok"
 
     def log_tail(self, log_path: str) -> str:

@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 from pydantic import SecretStr
 
@@ -30,6 +31,8 @@ from engine.core.scrub import scrub
 from engine.core.state import ServerProcess
 from engine.effects import CancelToken, DownloadListener, Exited, Health
 
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with its terminating NUL
+
 
 class RealEffects:
     def __init__(
@@ -40,12 +43,14 @@ class RealEffects:
         *,
         child_env: Mapping[str, str] | None = None,
         server_api_key: bool = True,
+        listen: Literal["tcp", "unix"] = "tcp",
     ) -> None:
         self.binary = str(binary.path)
         self.run_dir = run_dir
         private_dir(run_dir)  # logs, keys and templates of every server: 0700
         self.processes = proc.ProcessManager(binary.env, child_env=child_env)
         self._server_api_key = server_api_key
+        self._listen = listen
         self._keys: dict[str, SecretStr] = {}  # load id -> its server's key (memory only)
         self._health = HealthClient()
         self._vram = NvmlProbe()
@@ -125,8 +130,20 @@ class RealEffects:
     def kill(self, process: ServerProcess, grace: float) -> Exited | None:
         return self.processes.kill(process, grace)
 
-    def health(self, port: int) -> Health:
-        return self._health(port)
+    def health(self, port: int, *, socket_path: str | None = None) -> Health:
+        return self._health(port, socket_path)
+
+    def socket_path(self, load_id: str) -> str | None:
+        if self._listen != "unix":
+            return None
+        path = private_dir(self.run_dir / "sockets") / f"{load_id}.sock"
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            raise StepFailed(
+                f"listen='unix': socket path {path} is longer than {MAX_SOCKET_PATH} bytes "
+                "(the kernel's limit); open the engine with a shorter run_dir"
+            )
+        path.unlink(missing_ok=True)  # a stale socket of a dead server would refuse the bind
+        return str(path)
 
     def log_tail(self, log_path: str) -> str:
         return scrub(proc.log_tail(log_path), [k.get_secret_value() for k in self._keys.values()])

@@ -212,6 +212,7 @@ class SpawnStarted(BaseEvent):
     log_path: str
     extra_args: tuple[str, ...]
     extra_args_source: str | None = None
+    socket_path: str | None = None  # listen="unix": where the server listens instead of a port
 
 
 class Spawned(BaseEvent):

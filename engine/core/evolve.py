@@ -78,7 +78,9 @@ def _spawn_started(state: SlotState, e: ev.SpawnStarted) -> Changes:
         argv=e.argv,
     )
     # The process is not known yet; its port, marker and log are (write-ahead intent).
-    process = ServerProcess(0, 0.0, e.port, pending.load_id, e.marker, e.log_path)
+    process = ServerProcess(
+        0, 0.0, e.port, pending.load_id, e.marker, e.log_path, socket_path=e.socket_path
+    )
     return dict(pending=replace(pending, launch=launch), process=process)
 
 

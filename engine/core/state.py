@@ -21,6 +21,7 @@ class ServerProcess:
     load_id: str
     marker: str
     log_path: str
+    socket_path: str | None = None  # listen="unix": the server's socket (port unused)
 
 
 @dataclass(frozen=True, slots=True)

@@ -145,3 +145,37 @@ def test_server_api_key_none_runs_a_server_without_a_key(tmp_path: Path, tiny_mo
         assert "--api-key-file" not in psutil.Process(result.pid).cmdline()  # type: ignore[arg-type]
         response = httpx.get(f"http://127.0.0.1:{result.port}/v1/models", trust_env=False)
         assert response.status_code == 200
+
+
+def test_listen_unix_serves_on_a_private_socket_and_is_adopted_after_restart(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    run = tmp_path / "run"
+    journal = tmp_path / "journal.db"
+    engine = Engine.open(journal, run_dir=run, monitor=False, listen="unix")
+    try:
+        result = engine.load(LoadRequest(model_path=str(tiny_model)))
+        assert result.status == "loaded", result
+        status = engine.status()
+        assert status.socket_path is not None and status.socket_path.endswith(".sock")
+        assert Path(status.socket_path).parent == run / "sockets"
+        assert stat.S_IMODE((run / "sockets").stat().st_mode) == 0o700
+        server = psutil.Process(result.pid)  # type: ignore[arg-type]
+        assert not [c for c in server.net_connections(kind="tcp") if c.status == "LISTEN"]
+        assert status.api_key is not None
+        key = status.api_key.get_secret_value()
+        with httpx.Client(
+            base_url=status.base_url or "", transport=status.http_transport(), trust_env=False
+        ) as client:
+            assert client.get("/v1/models").status_code == 401
+            headers = {"Authorization": f"Bearer {key}"}
+            assert client.get("/v1/models", headers=headers).status_code == 200
+    except BaseException:
+        engine.close()  # a failed check must not leave a server running
+        raise
+    engine.close(keep_server=True)  # leave the server for the next open to adopt
+    pid = result.pid
+    with Engine.open(journal, run_dir=run, monitor=False, listen="unix") as again:
+        status = again.status()
+        assert status.state == "ready" and status.pid == pid, "adopted over its Unix socket"
+        assert status.api_key is not None and status.api_key.get_secret_value() == key
