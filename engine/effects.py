@@ -163,6 +163,11 @@ class Effects(Protocol):
 
     def log_tail(self, log_path: str) -> str: ...
 
+    def retire_log(self, load_id: str, *, failed: bool, live: str | None) -> None:
+        """A load ended: keep its log (7 days more if it `failed`), delete logs past retention
+        and the key files of servers no longer live (journaled); `live` is the running one."""
+        ...
+
     def probe_vram(self) -> list[tuple[int, int]]: ...
 
     def has_gpu(self) -> bool:

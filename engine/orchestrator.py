@@ -188,6 +188,7 @@ class Engine:
                     child_env=child_env,
                     server_api_key=server_api_key is not None,
                     listen=listen,
+                    slot=slot,
                 )
             engine = cls(journal, effects, slot=slot, **options)
             engine._lease = lease
@@ -350,6 +351,7 @@ class Engine:
         try:
             with self._serial:
                 result = self._run_load(flight)
+                self._retire_log(result)
         except BaseException as exc:
             flight.result.set_exception(exc)
             raise
@@ -415,6 +417,18 @@ class Engine:
         if process is None or process.load_id != flight.load_id:  # ended by the core: refused
             return self._result(flight.load_id, "failed", error=self._state.last_error)
         return self._result(flight.load_id, "loaded")
+
+    def _retire_log(self, result: LoadResult) -> None:
+        """Log retention after each load (the slot is held: no spawn races the pruning)."""
+        process = self._state.process
+        try:
+            self.effects.retire_log(
+                result.load_id,
+                failed=result.status == "failed",
+                live=process.load_id if process is not None else None,
+            )
+        except OSError as exc:  # housekeeping must never fail a load
+            log.warning("log retention failed: %s", exc)
 
     def _abort(
         self,

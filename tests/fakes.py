@@ -43,6 +43,7 @@ class FakeEffects:
         self.available_ram = 64 << 30
         self.gpus: list[tuple[int, int]] = []  # (index, free MiB); empty = CPU-only host
         self.keys: dict[str, str] = {}
+        self.retired: list[tuple[str, bool, str | None]] = []
         self.foreign_ports: set[int] = set()  # another user's listener answers /health there
 
     def now(self) -> float:
@@ -119,6 +120,9 @@ class FakeEffects:
 
     def health(self, port: int, *, socket_path: str | None = None) -> Health:
         return "down" if port in self.crashy_ports else "ok"
+
+    def retire_log(self, load_id: str, *, failed: bool, live: str | None) -> None:
+        self.retired.append((load_id, failed, live))
 
     def log_tail(self, log_path: str) -> str:
         return "error: fake server failed to load"

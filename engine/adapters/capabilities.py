@@ -70,7 +70,7 @@ def probe_capabilities(
         record = ev.CapabilitiesProbed(
             at=time.time(), binary=binary, size_bytes=size, mtime_ns=mtime_ns, help_text=help_text
         )
-        _store(journal, record)
+        append_engine_record(journal, ev.CAPABILITIES_STREAM, record)
     return capabilities
 
 
@@ -89,13 +89,12 @@ def _cached(
     return found
 
 
-def _store(journal: Journal, record: ev.CapabilitiesProbed) -> None:
+def append_engine_record(journal: Journal, stream: str, record: ev.BaseEvent) -> None:
+    """Append to an engine stream (`@...`) shared by every engine on the journal."""
     for _attempt in range(5):
         try:
-            journal.append(
-                ev.CAPABILITIES_STREAM, journal.last_version(ev.CAPABILITIES_STREAM), [record]
-            )
+            journal.append(stream, journal.last_version(stream), [record])
             return
         except ConcurrencyConflict:  # another engine appended first: append after it
             continue
-    log.warning("capabilities of %s not persisted: the journal kept moving", record.binary)
+    log.warning("%s record not persisted: the journal kept moving", stream)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import socket
 import tempfile
@@ -16,17 +17,19 @@ from pydantic import SecretStr
 
 from engine.adapters import process as proc
 from engine.adapters.binary import ServerBinary
-from engine.adapters.capabilities import probe_capabilities
+from engine.adapters.capabilities import append_engine_record, probe_capabilities
 from engine.adapters.gpu import NvmlProbe
 from engine.adapters.health import HealthClient
 from engine.adapters.hub import Hub
 from engine.adapters.journal import Journal
 from engine.adapters.local_models import resolve_local
 from engine.adapters.memory import memory_budget
+from engine.core import events as ev
 from engine.core.admission import MemoryBudget
 from engine.core.capabilities import ServerCapabilities
 from engine.core.errors import StepFailed
 from engine.core.events import LoadSpec, ResolvedModel
+from engine.core.retention import LogFile, expired_logs
 from engine.core.scrub import scrub
 from engine.core.state import ServerProcess
 from engine.effects import CancelToken, DownloadListener, Exited, Health
@@ -44,6 +47,7 @@ class RealEffects:
         child_env: Mapping[str, str] | None = None,
         server_api_key: bool = True,
         listen: Literal["tcp", "unix"] = "tcp",
+        slot: str = "default",
     ) -> None:
         self.binary = str(binary.path)
         self.run_dir = run_dir
@@ -51,6 +55,11 @@ class RealEffects:
         self.processes = proc.ProcessManager(binary.env, child_env=child_env)
         self._server_api_key = server_api_key
         self._listen = listen
+        self._journal = journal
+        self._slot = slot
+        folder = re.sub(r"[^A-Za-z0-9_.-]", "_", slot)  # one folder of logs and keys per slot
+        self._logs = run_dir / "logs" / folder
+        self._key_dir = run_dir / "keys" / folder
         self._keys: dict[str, SecretStr] = {}  # load id -> its server's key (memory only)
         self._health = HealthClient()
         self._vram = NvmlProbe()
@@ -85,7 +94,8 @@ class RealEffects:
             return int(sock.getsockname()[1])
 
     def log_path(self, load_id: str) -> str:
-        return str(private_dir(self.run_dir / "logs") / f"{load_id}.log")
+        private_dir(self.run_dir / "logs")
+        return str(private_dir(self._logs) / f"{load_id}.log")
 
     def template_file(self, template: str) -> str:
         # Named by content hash, and written fresh every time: a file already there is never
@@ -98,7 +108,8 @@ class RealEffects:
         if not self._server_api_key:
             return None
         key = secrets.token_urlsafe(32)
-        path = write_private(private_dir(self.run_dir / "keys") / f"{load_id}.key", key + "\n")
+        private_dir(self.run_dir / "keys")
+        path = write_private(private_dir(self._key_dir) / f"{load_id}.key", key + "\n")
         self._keys[load_id] = SecretStr(key)
         return str(path)
 
@@ -106,7 +117,7 @@ class RealEffects:
         key = self._keys.get(load_id)
         if key is None and self._server_api_key:
             try:  # a server adopted after a restart: its key is in its 0600 file
-                text = (self.run_dir / "keys" / f"{load_id}.key").read_text().strip()
+                text = (self._key_dir / f"{load_id}.key").read_text().strip()
             except OSError:
                 return None
             key = self._keys[load_id] = SecretStr(text)
@@ -147,6 +158,26 @@ class RealEffects:
 
     def log_tail(self, log_path: str) -> str:
         return scrub(proc.log_tail(log_path), [k.get_secret_value() for k in self._keys.values()])
+
+    def retire_log(self, load_id: str, *, failed: bool, live: str | None) -> None:
+        if failed and (self._logs / f"{load_id}.log").exists():
+            (self._logs / f"{load_id}.failed").touch(mode=0o600)  # kept 7 days, not 50 loads
+        logs = [
+            LogFile(path.stem, path.stat().st_mtime, path.with_suffix(".failed").exists())
+            for path in (self._logs.glob("*.log") if self._logs.is_dir() else ())
+        ]
+        expired = expired_logs(logs, time.time(), live=live)
+        for expired_id in expired:
+            for suffix in (".log", ".failed"):
+                (self._logs / f"{expired_id}{suffix}").unlink(missing_ok=True)
+        # A key outlives its server only as a liability: keep the live one's (adoption) alone.
+        for key_file in self._key_dir.glob("*.key") if self._key_dir.is_dir() else ():
+            if key_file.stem != live:
+                key_file.unlink(missing_ok=True)
+                self._keys.pop(key_file.stem, None)
+        if expired and self._journal is not None:
+            record = ev.LogsPruned(at=time.time(), slot=self._slot, load_ids=tuple(expired))
+            append_engine_record(self._journal, ev.RUN_FILES_STREAM, record)
 
     def probe_vram(self) -> list[tuple[int, int]]:
         return self._vram()

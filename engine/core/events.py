@@ -384,3 +384,17 @@ class CapabilitiesProbed(BaseEvent):
 
 
 CAPABILITIES_PROBED_ADAPTER: TypeAdapter[CapabilitiesProbed] = TypeAdapter(CapabilitiesProbed)
+
+
+# --- files the engine deleted: server logs past retention, keys of dead servers -----------------
+
+RUN_FILES_STREAM = "@run-files"
+
+
+class LogsPruned(BaseEvent):
+    """Server logs (and the keys of those servers) deleted by the retention policy
+    (engine.core.retention): the last 50 loads per slot, failed ones for 7 days."""
+
+    type: Literal["logs_pruned"] = "logs_pruned"
+    slot: str
+    load_ids: tuple[str, ...]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -130,9 +131,10 @@ def test_only_the_owner_reaches_the_server_and_it_inherits_no_secret(
             assert authorised.status_code == 200
         journal_text = (tmp_path / "journal.db").read_bytes()
         assert key.encode() not in journal_text
-        for folder in (run, run / "logs", run / "keys", run / "templates"):
+        folders = [run, run / "logs", run / "logs" / "default", run / "keys", run / "templates"]
+        for folder in [*folders, run / "keys" / "default"]:
             assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
-        for file in [*(run / "keys").iterdir(), *(run / "templates").iterdir()]:
+        for file in [*(run / "keys" / "default").iterdir(), *(run / "templates").iterdir()]:
             assert stat.S_IMODE(file.stat().st_mode) == 0o600, file
 
 
@@ -179,3 +181,29 @@ def test_listen_unix_serves_on_a_private_socket_and_is_adopted_after_restart(
         status = again.status()
         assert status.state == "ready" and status.pid == pid, "adopted over its Unix socket"
         assert status.api_key is not None and status.api_key.get_secret_value() == key
+
+
+def test_logs_are_kept_for_the_last_50_loads_and_failed_ones_for_7_days(
+    real_engine: Engine, tiny_model: Path, tmp_path: Path
+) -> None:
+    logs = tmp_path / "run" / "logs" / "default"
+    logs.mkdir(parents=True, exist_ok=True)
+    day, now = 24 * 3600.0, time.time()
+    for i in range(60):  # 60 earlier loads of the last day, old059 the newest
+        path = logs / f"old{i:03}.log"
+        path.write_text("log\n")
+        os.utime(path, (now - day + i, now - day + i))
+    os.utime(logs / "old000.log", (now - 3 * day, now - 3 * day))  # failed 3 days ago: kept
+    (logs / "old000.failed").touch()
+    os.utime(logs / "old001.log", (now - 8 * day, now - 8 * day))  # failed 8 days ago: goes
+    (logs / "old001.failed").touch()
+    result = real_engine.load(LoadRequest(model_path=str(tiny_model)))
+    assert result.status == "loaded", result
+    kept = sorted(p.stem for p in logs.glob("*.log"))
+    assert len(kept) == 51 and "old000" in kept and result.load_id in kept
+    assert "old001" not in kept and not (logs / "old001.failed").exists()
+    pruned = [
+        ev.LogsPruned.model_validate_json(payload)
+        for *_, payload in real_engine.journal.read_rows(ev.RUN_FILES_STREAM)
+    ]
+    assert [sorted(p.load_ids) for p in pruned] == [[f"old{i:03}" for i in range(1, 11)]]
