@@ -1,4 +1,4 @@
-"""Log retention (pure): the last 50 loads per slot, failed ones 7 days more, the live one always."""
+"""Log retention (pure): the last 50 loads per slot, failed ones 7 days more, the live one."""
 
 from __future__ import annotations
 
