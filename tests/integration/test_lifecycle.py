@@ -40,10 +40,12 @@ def test_load_reaches_ready_with_a_live_healthy_server(
     server = psutil.Process(pid)
     assert server.environ()[MARKER_ENV].endswith(real_engine.state.process.load_id)  # type: ignore[union-attr]
     assert os.getsid(pid) == pid, "the server runs in its own session"
+    assert status.api_key is not None  # the server is reachable with its key only
     completion = httpx.post(
         f"http://127.0.0.1:{port}/completion",
         trust_env=False,
         json={"prompt": "hi", "n_predict": 4},
+        headers={"Authorization": f"Bearer {status.api_key.get_secret_value()}"},
         timeout=10,
     ).json()
     assert completion["tokens_predicted"] == 4
