@@ -129,8 +129,8 @@ def test_only_the_owner_reaches_the_server_and_it_inherits_no_secret(
             assert client.get("/v1/models").status_code == 401
             authorised = client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
             assert authorised.status_code == 200
-        journal_text = (tmp_path / "journal.db").read_bytes()
-        assert key.encode() not in journal_text
+        for file in tmp_path.glob("journal.db*"):  # the WAL too
+            assert key.encode() not in file.read_bytes(), file
         folders = [run, run / "logs", run / "logs" / "default", run / "keys", run / "templates"]
         for folder in [*folders, run / "keys" / "default"]:
             assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
@@ -207,3 +207,33 @@ def test_logs_are_kept_for_the_last_50_loads_and_failed_ones_for_7_days(
         for *_, payload in real_engine.journal.read_rows(ev.RUN_FILES_STREAM)
     ]
     assert [sorted(p.load_ids) for p in pruned] == [[f"old{i:03}" for i in range(1, 11)]]
+
+
+class _BadGateway(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        self.send_response(502)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_hub_endpoint_credentials_never_reach_the_result_or_the_journal(
+    real_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = HTTPServer(("127.0.0.1", 0), _BadGateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://alice:s3cretpw@127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        result = real_engine.load(LoadRequest(model_path="owner/repo"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.status == "failed" and "502" in (result.error or "")
+    assert "s3cretpw" not in (result.error or "") and "alice" not in (result.error or "")
+    assert "http://***@127.0.0.1" in (result.error or "")
+    for file in tmp_path.glob("journal.db*"):  # the WAL too
+        assert b"s3cretpw" not in file.read_bytes(), file
