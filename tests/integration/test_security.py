@@ -210,7 +210,7 @@ def test_logs_are_kept_for_the_last_50_loads_and_failed_ones_for_7_days(
 
 
 class _BadGateway(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         self.send_response(502)
         self.end_headers()
 
