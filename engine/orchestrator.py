@@ -292,7 +292,7 @@ class Engine:
             state=state.state,
             slot=self.slot,
             pid=process.pid if process and process.pid else None,
-            port=process.port if process else None,
+            port=process.port if process and process.port else None,  # None on a socket
             model_path=spec.model if spec else None,
             model_file=served.model.model_file if served else None,
             variant=served.model.variant if served else None,
@@ -463,7 +463,7 @@ class Engine:
             load_id=load_id,
             state=state.state,
             pid=process.pid if process else None,
-            port=process.port if process else None,
+            port=process.port if process and process.port else None,  # None on a socket
             model_file=state.serving.model.model_file if state.serving else None,
             error=scrub_optional(error, self._secrets()),
             log_tail=scrub_optional(log_tail, self._secrets()),

@@ -160,6 +160,7 @@ def test_listen_unix_serves_on_a_private_socket_and_is_adopted_after_restart(
         assert result.status == "loaded", result
         status = engine.status()
         assert status.socket_path is not None and status.socket_path.endswith(".sock")
+        assert status.port is None and result.port is None
         assert Path(status.socket_path).parent == run / "sockets"
         assert stat.S_IMODE((run / "sockets").stat().st_mode) == 0o700
         server = psutil.Process(result.pid)  # type: ignore[arg-type]
