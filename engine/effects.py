@@ -14,6 +14,7 @@ from typing import Literal, Protocol
 from pydantic import SecretStr
 
 from engine.core.admission import MemoryBudget
+from engine.core.capabilities import ServerCapabilities
 from engine.core.events import LoadSpec, ResolvedModel
 from engine.core.eviction import MemoryUse
 from engine.core.state import ServerProcess
@@ -102,6 +103,10 @@ class Effects(Protocol):
 
     def now(self) -> float: ...  # wall clock, seconds since the epoch
 
+    def capabilities(self) -> ServerCapabilities:
+        """What the binary accepts, from its own `--help` (probed once per binary identity)."""
+        ...
+
     def monotonic(self) -> float: ...
 
     def resolve(
@@ -125,7 +130,20 @@ class Effects(Protocol):
 
     def template_file(self, template: str) -> str: ...
 
+    def api_key_file(self, load_id: str) -> str | None:
+        """A fresh random API key for this load's server, written to a 0600 file whose path
+        goes in argv (the key never does); None when the engine runs servers without a key."""
+        ...
+
+    def api_key(self, load_id: str) -> SecretStr | None:
+        """The key of `load_id`'s server (memory; after a restart, its 0600 file)."""
+        ...
+
     def spawn(self, argv: Sequence[str], marker: str, log_path: str) -> tuple[int, float]: ...
+
+    def owns_port(self, pid: int, port: int) -> bool:
+        """Whether the socket listening on `port` belongs to `pid` (not to another user's)."""
+        ...
 
     def exit_status(self, process: ServerProcess) -> Exited | None:
         """None while the process (same pid *and* create_time) is alive."""
@@ -135,9 +153,21 @@ class Effects(Protocol):
 
     def kill(self, process: ServerProcess, grace: float) -> Exited | None: ...
 
-    def health(self, port: int) -> Health: ...
+    def health(self, port: int, *, socket_path: str | None = None) -> Health:
+        """GET /health on 127.0.0.1:`port`, or over the Unix socket `socket_path` when set."""
+        ...
+
+    def socket_path(self, load_id: str) -> str | None:
+        """Where `load_id`'s server listens when the engine runs servers on Unix sockets
+        (`Engine.open(listen="unix")`, in the 0700 run folder); None for TCP."""
+        ...
 
     def log_tail(self, log_path: str) -> str: ...
+
+    def retire_log(self, load_id: str, *, failed: bool, live: str | None) -> None:
+        """A load ended: keep its log (7 days more if it `failed`), delete logs past retention
+        and the key files of servers no longer live (journaled); `live` is the running one."""
+        ...
 
     def probe_vram(self) -> list[tuple[int, int]]: ...
 

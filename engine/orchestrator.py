@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ from pydantic import SecretStr
 from engine import steps
 from engine.adapters.binary import locate_server
 from engine.adapters.feed import Feed, FeedEvent
+from engine.adapters.health import ServerStatus
 from engine.adapters.journal import Journal
 from engine.adapters.lease import LEASE_TTL_S, Lease
 from engine.adapters.local_models import locate_model_file
@@ -49,8 +50,10 @@ from engine.core.decide import (
 from engine.core.errors import EngineError, StepFailed
 from engine.core.evolve import evolve
 from engine.core.machine import STABLE
+from engine.core.policy import canonical_allow
 from engine.core.request import LoadRequest, LoadResult, Status, as_request, to_spec
 from engine.core.rules import InvalidRequest, same_target
+from engine.core.scrub import scrub, scrub_optional
 from engine.core.snapshot import encode as encode_snapshot
 from engine.core.state import SlotState
 from engine.effects import Cancelled, CancelToken, DownloadProgress, Effects
@@ -107,6 +110,7 @@ class Engine:
         threads: int | None = None,
         memory_limit: int | None = None,
         snapshot_every: int = SNAPSHOT_EVERY,
+        allow_flags: frozenset[str] | set[str] | tuple[str, ...] = frozenset(),
     ) -> None:
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0 (0 = off), not {snapshot_every!r}")
@@ -114,12 +118,16 @@ class Engine:
         self.journal = journal
         self.journal_id = journal_id(journal)
         self.effects = effects
+        # The binary's own flags; `allow_flags` opens exceptions to the policy (canonical).
+        self.capabilities = effects.capabilities()
+        self.allow_flags = canonical_allow(self.capabilities, allow_flags)
         self.settings = SlotSettings(
             health_timeout=health_timeout,
             kill_grace=kill_grace,
             settle_max_wait=settle_max_wait,
             threads=threads,
             memory_limit=memory_limit,
+            allow_flags=self.allow_flags,
         )
         self._snapshot_every = snapshot_every
         self._lease: Lease | None = None  # set by open(): this engine's claim on the slot
@@ -154,6 +162,9 @@ class Engine:
         monitor: bool = True,
         synchronous: str = "FULL",
         lease_ttl: float = LEASE_TTL_S,
+        child_env: Mapping[str, str] | None = None,
+        server_api_key: Literal["generate"] | None = "generate",
+        listen: Literal["tcp", "unix"] = "tcp",
         **options: Any,
     ) -> Engine:
         """Open the journal, lease the slot, replay it, reconcile with reality, start the
@@ -161,7 +172,17 @@ class Engine:
 
         A missing or broken llama-server is an error here, not at the first load; so is a slot
         another live engine manages (`engine.adapters.lease.SlotBusy`).
+
+        Each server gets a fresh random API key (`server_api_key=None`: none, for a backend
+        that proxies without one) and an allow-listed environment plus `child_env`.
+        `listen="unix"` runs servers on a Unix socket in the 0700 run folder.
         """
+        if listen not in ("tcp", "unix"):
+            raise ValueError(f"listen must be 'tcp' or 'unix', not {listen!r}")
+        if server_api_key not in ("generate", None):
+            raise ValueError(
+                "server_api_key must be 'generate' (a fresh key per server) or None (no key)"
+            )
         binary = locate_server(llama_server) if effects is None else None
         if isinstance(journal_url, Journal):  # a Node shares its journal with its slots
             journal, owned = journal_url, False
@@ -175,7 +196,15 @@ class Engine:
 
                 assert binary is not None
                 directory = Path(run_dir) if run_dir is not None else default_run_dir(journal)
-                effects = RealEffects(binary, directory, journal)
+                effects = RealEffects(
+                    binary,
+                    directory,
+                    journal,
+                    child_env=child_env,
+                    server_api_key=server_api_key is not None,
+                    listen=listen,
+                    slot=slot,
+                )
             engine = cls(journal, effects, slot=slot, **options)
             engine._owns_journal = owned
             engine._lease = lease
@@ -271,16 +300,17 @@ class Engine:
             return None
         return download
 
-    def status(self) -> Status:
+    def status(self) -> ServerStatus:
         state = self._state  # one immutable snapshot: never waits for a load in progress
         served = state.serving or (state.pending.launch if state.pending else None)
         spec = served.spec if served else (state.pending.spec if state.pending else None)
         process = state.process
-        return Status(
+        socket_path = process.socket_path if process else None
+        return ServerStatus(
             state=state.state,
             slot=self.slot,
             pid=process.pid if process and process.pid else None,
-            port=process.port if process else None,
+            port=process.port if process and process.port else None,  # None on a socket
             model_path=spec.model if spec else None,
             model_file=served.model.model_file if served else None,
             variant=served.model.variant if served else None,
@@ -302,13 +332,27 @@ class Engine:
             queued_loads=len(self._flights),
             last_error=state.last_error,
             journal_version=state.version,
+            api_key=self.effects.api_key(process.load_id) if process else None,
+            base_url=(
+                None
+                if process is None
+                else "http://localhost"
+                if socket_path
+                else f"http://127.0.0.1:{process.port}"
+            ),
+            socket_path=socket_path,
         )
 
     def load(self, request: LoadRequest | dict[str, Any]) -> LoadResult:
         """Load (or reload) the slot's model. Serial per slot; the latest different load wins,
         an identical one joins the load in flight."""
         request = as_request(request)
-        spec = to_spec(request, locate_model_file)  # InvalidRequest before anything is journaled
+        spec = to_spec(  # InvalidRequest before anything is journaled
+            request,
+            locate_model_file,
+            capabilities=self.capabilities,
+            allow_flags=self.allow_flags,
+        )
         with self._state_lock:
             joined = next(
                 (f for f in reversed(self._flights) if f.spec == spec and not f.token.cancelled),
@@ -325,6 +369,7 @@ class Engine:
         try:
             with self._serial:
                 result = self._run_load(flight)
+                self._retire_log(result)
         except BaseException as exc:
             flight.result.set_exception(exc)
             raise
@@ -473,6 +518,18 @@ class Engine:
             return self._result(flight.load_id, "failed", error=self._state.last_error)
         return self._result(flight.load_id, "loaded")
 
+    def _retire_log(self, result: LoadResult) -> None:
+        """Log retention after each load (the slot is held: no spawn races the pruning)."""
+        process = self._state.process
+        try:
+            self.effects.retire_log(
+                result.load_id,
+                failed=result.status == "failed",
+                live=process.load_id if process is not None else None,
+            )
+        except OSError as exc:  # housekeeping must never fail a load
+            log.warning("log retention failed: %s", exc)
+
     def _abort(
         self,
         load_id: str,
@@ -480,6 +537,7 @@ class Engine:
         error: str,
         log_tail: str | None = None,
     ) -> LoadResult:
+        error = scrub(error, self._secrets())  # errors reach the journal and the caller
         while self._state.pending is not None and self._state.pending.load_id == load_id:
             step = abort_step(self._state, outcome, error, self.effects.now())
             if isinstance(step, Kill):
@@ -487,7 +545,7 @@ class Engine:
             else:
                 assert isinstance(step, Emit)
                 events = [
-                    e.model_copy(update={"log_tail": log_tail})
+                    e.model_copy(update={"log_tail": scrub_optional(log_tail, self._secrets())})
                     if isinstance(e, ev.LoadFailed)
                     else e
                     for e in step.events
@@ -505,11 +563,18 @@ class Engine:
             load_id=load_id,
             state=state.state,
             pid=process.pid if process else None,
-            port=process.port if process else None,
+            port=process.port if process and process.port else None,  # None on a socket
             model_file=state.serving.model.model_file if state.serving else None,
-            error=error,
-            log_tail=log_tail,
+            error=scrub_optional(error, self._secrets()),
+            log_tail=scrub_optional(log_tail, self._secrets()),
+            api_key=self.effects.api_key(process.load_id) if process else None,
         )
+
+    def _secrets(self) -> list[str]:
+        """Literal secrets no error or log tail may show: the live server's key."""
+        process = self._state.process
+        key = self.effects.api_key(process.load_id) if process else None
+        return [key.get_secret_value()] if key is not None else []
 
     def _emit_all(self, events: list[ev.Event] | tuple[ev.Event, ...]) -> None:
         if events:

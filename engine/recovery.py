@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from engine import steps
 from engine.adapters.health import await_health
 from engine.adapters.process import CREATE_TIME_SLACK
@@ -71,9 +73,7 @@ def recover(engine: Slot) -> None:
         engine.emit(ev.ProcessExited(at=now(), pid=process.pid))  # gone while we were down
     if process is not None and ours is not None:
         pid, create_time, marker = ours
-        live = ServerProcess(
-            pid, create_time, process.port, process.load_id, marker, process.log_path
-        )
+        live = replace(process, pid=pid, create_time=create_time, marker=marker)
         timeout = READY_HEALTH_TIMEOUT_S if origin == "ready" else engine.settings.health_timeout
         adoptable = origin in ("resolving", "spawning", "warming", "ready")
         if adoptable and _healthy(engine, live, timeout):
@@ -114,7 +114,7 @@ def _healthy(engine: Slot, live: ServerProcess, timeout: float) -> bool:
     fx = engine.effects
     try:
         exited = await_health(
-            lambda: fx.health(live.port),
+            lambda: fx.health(live.port, socket_path=live.socket_path),
             lambda: fx.exit_status(live),
             CancelToken(),
             timeout,
@@ -122,7 +122,8 @@ def _healthy(engine: Slot, live: ServerProcess, timeout: float) -> bool:
         )
     except (TimeoutError, Cancelled):
         return False
-    return exited is None
+    # Adopt only our own listener: a TCP port may have been taken over while we were down.
+    return exited is None and (live.socket_path is not None or fx.owns_port(live.pid, live.port))
 
 
 def _kill_untracked(engine: Slot, pid: int, create_time: float, marker: str) -> None:

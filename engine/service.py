@@ -26,7 +26,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import httpx
 from starlette.applications import Starlette
@@ -39,11 +39,14 @@ from engine.adapters.feed import Feed
 from engine.adapters.journal import Journal
 from engine.catalog import Preset
 from engine.core.errors import EngineError
-from engine.core.events import is_slot_stream
+from engine.core.events import Event, is_slot_stream
+from engine.core.evolve import evolve
 from engine.core.request import LoadResult, Status
 from engine.core.rules import InvalidRequest
+from engine.core.state import SlotState
 from engine.metrics import JournalMetrics
 from engine.node import Node
+from engine.replay import replay_state
 
 log = logging.getLogger("studio-engine.service")
 
@@ -64,10 +67,11 @@ class ModelInfo:
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """Where a loaded model's server answers."""
+    """Where a loaded model's server answers, and the key it wants."""
 
     base_url: str
     headers: dict[str, str]
+    socket_path: str | None = None
 
 
 class Backend(Protocol):
@@ -91,22 +95,22 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def router_status(status: Status | None, serving: bool) -> str:
-    """llama.cpp router's status.value: loaded / loading / unloaded / failed."""
-    if status is None:
+_ROUTER_VALUES = {"ready": "loaded", "failed": "failed", "crashed": "failed"}
+
+
+def router_value(state: str) -> str:
+    """llama.cpp router's status.value for a slot state: loaded / loading / unloaded / failed
+    (a reload in progress is "loading"; an unload in progress is already "unloaded")."""
+    if state in ("idle", "unloading"):
         return "unloaded"
-    if status.loading is not None and status.state not in ("ready", "idle", "failed", "crashed"):
-        return "loading"
-    if serving and status.state == "ready":
-        return "loaded"
-    if serving and status.state in ("failed", "crashed"):
-        return "failed"
-    return "unloaded"
+    return _ROUTER_VALUES.get(state, "loading")
 
 
 def upstream_of(status: Status) -> Upstream:
-    assert status.port is not None
-    return Upstream(f"http://127.0.0.1:{status.port}", {})
+    assert status.base_url is not None
+    key = status.api_key.get_secret_value() if status.api_key is not None else None
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return Upstream(status.base_url, headers, status.socket_path)
 
 
 class NodeBackend:
@@ -127,7 +131,7 @@ class NodeBackend:
                 models[name] = ModelInfo("failed", None, self._refused[name])
             elif name in open_slots:
                 status = self.node.slot(name).status()
-                value = router_status(status, serving=True)
+                value = router_value(status.state)
                 models[name] = ModelInfo(
                     value, status, status.last_error if value == "failed" else None
                 )
@@ -166,7 +170,7 @@ class NodeBackend:
             except EngineError:
                 continue  # being evicted right now: load it again
             status = engine.status()
-            if status.state == "ready" and status.port is not None:
+            if status.state == "ready" and status.base_url is not None:
                 return upstream_of(status), held.close
             held.close()
         raise ModelUnavailable(
@@ -188,6 +192,15 @@ def _load_quietly(backend: Backend, name: str) -> None:
         log.warning("model %r refused: %s", name, refused)
 
 
+def _model_entry(name: str, value: str, args: list[str], error: str | None) -> dict[str, Any]:
+    """One model as llama.cpp's router lists it."""
+    status: dict[str, Any] = {"value": value, "args": args, "failed": value == "failed"}
+    if error:
+        status["error"] = error
+    return {"id": name, "object": "model", "owned_by": "studio-engine", "created": 0,
+            "status": status}  # fmt: skip
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"code": status, "message": message, "type": kind}}, status)
 
@@ -201,20 +214,22 @@ def create_app(
     backend: Backend, *, control_key: str | None = None, poll_s: float = 0.1
 ) -> Starlette:
     metrics = JournalMetrics(backend.journal, servers=backend.servers)
-    client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0), trust_env=False)
+    timeout = httpx.Timeout(600.0, connect=10.0)
+    clients: dict[str | None, httpx.AsyncClient] = {}  # one per Unix socket, one for TCP
+
+    def client_for(socket_path: str | None) -> httpx.AsyncClient:
+        client = clients.get(socket_path)
+        if client is None:
+            transport = httpx.AsyncHTTPTransport(uds=socket_path) if socket_path else None
+            client = httpx.AsyncClient(timeout=timeout, trust_env=False, transport=transport)
+            clients[socket_path] = client
+        return client
 
     def model_list() -> list[dict[str, Any]]:
         entries = []
         for name, info in backend.models().items():
             args = list(info.status.extra_args) if info.status is not None else []
-            status: dict[str, Any] = {"value": info.value, "args": args}
-            status["failed"] = info.value == "failed"
-            if info.error:
-                status["error"] = info.error
-            entries.append(
-                {"id": name, "object": "model", "owned_by": "studio-engine", "created": 0,
-                 "status": status}
-            )  # fmt: skip
+            entries.append(_model_entry(name, info.value, args, info.error))
         return entries
 
     async def health(_: Request) -> Response:
@@ -272,20 +287,37 @@ def create_app(
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     async def models_sse(_: Request) -> Response:
+        # Statuses are folded from the journal, event by event (each model's slot is named
+        # after it), so no change is skipped however fast it comes and goes.
+        journal = backend.journal
+
+        def replayed_until(start: int) -> dict[str, SlotState]:
+            return {
+                stream: replay_state(journal.read_rows(stream, until_seq=start))
+                for stream in journal.streams()
+                if is_slot_stream(stream)
+            }
+
         async def stream() -> AsyncIterator[bytes]:
+            start = await asyncio.to_thread(journal.seq_before_last, 0)
+            states = await asyncio.to_thread(replayed_until, start)
             last: dict[str, str] = {}
             for entry in await asyncio.to_thread(model_list):
+                if entry["id"] in states:
+                    entry["status"]["value"] = router_value(states[entry["id"]].state)
                 last[entry["id"]] = entry["status"]["value"]
                 yield _sse("model", entry)
-            start = await asyncio.to_thread(backend.journal.seq_before_last, 0)
             async for item in follow(start):
-                if not is_slot_stream(item.stream):
-                    continue
-                for entry in await asyncio.to_thread(model_list):
-                    value = entry["status"]["value"]
-                    if last.get(entry["id"]) != value:
-                        last[entry["id"]] = value
-                        yield _sse("model", entry, item.seq)
+                if item.stream not in last:
+                    continue  # not a model's slot
+                state = evolve(states.get(item.stream, SlotState()), cast(Event, item.event))
+                states[item.stream] = state
+                value = router_value(state.state)
+                if last[item.stream] != value:
+                    last[item.stream] = value
+                    args = list(state.extra_args) if value == "loaded" else []
+                    error = state.last_error if value == "failed" else None
+                    yield _sse("model", _model_entry(item.stream, value, args, error), item.seq)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -301,6 +333,7 @@ def create_app(
             upstream, release = await asyncio.to_thread(backend.acquire, name)
         except ModelUnavailable as exc:
             return _error(503, f"model {name!r} could not be loaded: {exc}", "server_error")
+        client = client_for(upstream.socket_path)
         try:
             outgoing = client.build_request(
                 "POST",
@@ -340,7 +373,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         yield
-        await client.aclose()
+        for client in clients.values():
+            await client.aclose()
 
     app = Starlette(routes=routes, lifespan=lifespan)
     if control_key is not None:

@@ -10,6 +10,7 @@ engine.recovery imports the orchestrator.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -23,9 +24,14 @@ from engine.core import admission
 from engine.core import events as ev
 from engine.core.cmdline import build_argv
 from engine.core.errors import EngineError, StepFailed
+from engine.core.policy import check_extra_args
 from engine.core.rules import effective_extra_args
 from engine.core.state import SlotState
-from engine.effects import CancelToken, DownloadProgress, Effects, FileProgress
+from engine.effects import CancelToken, DownloadProgress, Effects, Exited, FileProgress
+
+MAX_SPAWN_RETRIES = 3
+# What llama-server logs when another socket holds its port.
+PORT_IN_USE = re.compile(r"couldn't bind|address already in use", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +43,7 @@ class SlotSettings:
     settle_max_wait: float
     threads: int | None
     memory_limit: int | None  # bytes this slot may use at most (None = the host's)
+    allow_flags: frozenset[str] = frozenset()  # policy exceptions (canonical names)
 
 
 class AdmissionGate(Protocol):
@@ -102,6 +109,10 @@ def admit(engine: Slot, token: CancelToken | None = None) -> None:
     pending = state.pending
     assert pending is not None and pending.model is not None
     extra_args = launch_extra_args(state)
+    if pending.spec.extra_args is None:
+        # Inherited extras passed the policy when they were stored; the operator's allow_flags
+        # (or the binary) may have changed since. Refused here, the old server keeps serving.
+        check_extra_args(extra_args, engine.effects.capabilities(), engine.settings.allow_flags)
     need = admission.estimate(pending.model, pending.spec, extra_args)
     budget = replace(
         engine.effects.memory_budget(state.process), limit_bytes=engine.settings.memory_limit
@@ -205,7 +216,8 @@ def spawn(engine: Slot, token: CancelToken) -> None:
     assert pending is not None and pending.model is not None
     effects = engine.effects
     extra_args = launch_extra_args(state)
-    port = effects.free_port()
+    socket_path = effects.socket_path(pending.load_id)
+    port = 0 if socket_path is not None else effects.free_port()
     template = pending.spec.chat_template_override
     argv = build_argv(
         effects.binary,
@@ -215,6 +227,8 @@ def spawn(engine: Slot, token: CancelToken) -> None:
         port=port,
         threads=engine.settings.threads,
         template_file=effects.template_file(template) if template is not None else None,
+        api_key_file=effects.api_key_file(pending.load_id),
+        host=socket_path or "127.0.0.1",
     )
     marker = make_marker(engine.journal_id, engine.slot, pending.load_id)
     log_path = effects.log_path(pending.load_id)
@@ -229,6 +243,7 @@ def spawn(engine: Slot, token: CancelToken) -> None:
             log_path=log_path,
             extra_args=extra_args,
             extra_args_source=pending.model.source,
+            socket_path=socket_path,
         )
     )
     pid, create_time = effects.spawn(argv, marker, log_path)
@@ -245,7 +260,7 @@ def await_health(engine: Slot, token: CancelToken) -> None:
     start = effects.monotonic()
     try:
         exited = health.await_health(
-            lambda: effects.health(process.port),
+            lambda: effects.health(process.port, socket_path=process.socket_path),
             lambda: effects.exit_status(process),
             token,
             engine.settings.health_timeout,
@@ -259,6 +274,12 @@ def await_health(engine: Slot, token: CancelToken) -> None:
             )
         )
         raise StepFailed(str(exc), tail) from exc
+    # A Unix socket lives in our 0700 run folder: nobody else can have bound it.
+    foreign = process.socket_path is None and not effects.owns_port(process.pid, process.port)
+    if exited is None and foreign:
+        # A 200 from a listener that is not our server: never `loaded` on someone else's port.
+        retry_spawn(engine, exited)
+        return
     if exited is None:
         engine.emit(
             ev.HealthPassed(
@@ -269,6 +290,9 @@ def await_health(engine: Slot, token: CancelToken) -> None:
         )
         return
     tail = effects.log_tail(process.log_path)
+    if PORT_IN_USE.search(tail):
+        retry_spawn(engine, exited)
+        return
     error = f"llama-server exited with code {exited.returncode} before it was healthy"
     reported = server_error(tail)
     if reported:
@@ -289,6 +313,43 @@ def await_health(engine: Slot, token: CancelToken) -> None:
         ),
     )
     raise StepFailed(error, tail)
+
+
+def retry_spawn(engine: Slot, exited: Exited | None) -> None:
+    """Our server could not own its port: make sure it is dead, then spawn again on a new
+    port (journaled as spawn_retried), at most MAX_SPAWN_RETRIES times."""
+    state = engine.state
+    process, pending = state.process, state.pending
+    assert process is not None and pending is not None
+    effects = engine.effects
+    if pending.spawn_retries >= MAX_SPAWN_RETRIES:
+        error = (
+            f"port {process.port} was taken by another listener; gave up after "
+            f"{MAX_SPAWN_RETRIES} retries on new ports"
+        )
+        tail = effects.log_tail(process.log_path)
+        engine.emit(ev.HealthFailed(at=effects.now(), load_id=pending.load_id, error=error))
+        raise StepFailed(error, tail)  # the abort kills our server if it still runs
+    if exited is None:
+        kill(engine, "failure")
+    else:
+        engine.emit(
+            ev.ProcessExited(
+                at=effects.now(),
+                load_id=pending.load_id,
+                pid=process.pid,
+                returncode=exited.returncode,
+            )
+        )
+    engine.emit(
+        ev.SpawnRetried(
+            at=effects.now(),
+            load_id=pending.load_id,
+            attempt=pending.spawn_retries + 1,
+            failure_kind="port_in_use",
+            port=process.port,
+        )
+    )
 
 
 class DownloadRecorder:

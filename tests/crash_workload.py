@@ -54,7 +54,7 @@ def workload(engine: Engine, model_a: str, model_b: str, junk: str) -> None:
     engine.unload()
     load(model_path=model_a, llama_extra_args=["--top-k", "20"])
     load(model_path=junk)  # fails to resolve: A keeps serving
-    load(model_path=model_a, llama_extra_args=["--no-such-flag"])  # server refuses to start
+    load(model_path=model_a, llama_extra_args=["--numa", "bogus"])  # server refuses to start
     load(model_path=model_b)
 
 

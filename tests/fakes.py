@@ -8,11 +8,22 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from engine.core.admission import MemoryBudget
+from engine.core.capabilities import ServerCapabilities, parse_help
 from engine.core.errors import StepFailed
 from engine.core.events import LoadSpec, ResolvedModel
 from engine.core.eviction import MemoryUse
 from engine.core.state import ServerProcess
 from engine.effects import CancelToken, DownloadListener, Exited, Health
+
+HELP_FIXTURE = Path(__file__).parent / "fixtures" / "llama-server-help.txt"
+_CAPABILITIES: list[ServerCapabilities] = []
+
+
+def fixture_capabilities() -> ServerCapabilities:
+    """The flags of the real llama-server this project builds (its saved `--help`)."""
+    if not _CAPABILITIES:
+        _CAPABILITIES.append(parse_help(HELP_FIXTURE.read_text()))
+    return _CAPABILITIES[0]
 
 
 class FakeEffects:
@@ -34,6 +45,9 @@ class FakeEffects:
         self.gpus: list[tuple[int, int]] = []  # (index, free MiB); empty = CPU-only host
         self.server_rss = 100 << 20
         self.rss: dict[int, int] = {}
+        self.keys: dict[str, str] = {}
+        self.retired: list[tuple[str, bool, str | None]] = []
+        self.foreign_ports: set[int] = set()  # another user's listener answers /health there
 
     def now(self) -> float:
         self.clock += 0.001
@@ -41,6 +55,9 @@ class FakeEffects:
 
     def monotonic(self) -> float:
         return self.now()
+
+    def capabilities(self) -> ServerCapabilities:
+        return fixture_capabilities()
 
     def resolve(
         self,
@@ -64,6 +81,17 @@ class FakeEffects:
 
     def template_file(self, template: str) -> str:
         return "/fake/template.jinja"
+
+    def api_key_file(self, load_id: str) -> str | None:
+        self.keys[load_id] = f"key-{load_id}"
+        return f"/fake/keys/{load_id}.key"
+
+    def api_key(self, load_id: str) -> SecretStr | None:
+        key = self.keys.get(load_id)
+        return SecretStr(key) if key is not None else None
+
+    def owns_port(self, pid: int, port: int) -> bool:
+        return port not in self.foreign_ports
 
     def spawn(self, argv: Sequence[str], marker: str, log_path: str) -> tuple[int, float]:
         self.next_pid += 1
@@ -90,8 +118,14 @@ class FakeEffects:
     def kill(self, process: ServerProcess, grace: float) -> Exited | None:
         return self.terminate(process, grace)
 
-    def health(self, port: int) -> Health:
+    def socket_path(self, load_id: str) -> str | None:
+        return None
+
+    def health(self, port: int, *, socket_path: str | None = None) -> Health:
         return "down" if port in self.crashy_ports else "ok"
+
+    def retire_log(self, load_id: str, *, failed: bool, live: str | None) -> None:
+        self.retired.append((load_id, failed, live))
 
     def log_tail(self, log_path: str) -> str:
         return "error: fake server failed to load"

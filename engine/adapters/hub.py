@@ -33,7 +33,7 @@ from engine.adapters.probe_cache import Key, ProbeCache
 from engine.core import events as ev
 from engine.core.errors import StepFailed
 from engine.core.request import token_fingerprint
-from engine.core.rules import HF_TOKEN_PATTERN
+from engine.core.scrub import scrub as scrub_secrets
 from engine.core.variants import gguf_candidates, pick_mmproj, pick_variant
 from engine.effects import Cancelled, CancelToken, DownloadListener
 
@@ -77,7 +77,7 @@ def hub_offline() -> bool:
 
 def scrub(text: str) -> str:
     """Error text from the hub client, safe for the journal and logs."""
-    return HF_TOKEN_PATTERN.sub("hf_***", text).strip().splitlines()[0][:300] if text else ""
+    return scrub_secrets(text).strip().splitlines()[0][:300] if text.strip() else ""
 
 
 # --- huggingface_hub's progress hook ----------------------------------------------------------

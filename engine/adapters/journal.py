@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from engine.core.events import SCHEMA_VERSION, BaseEvent, Event, parse_event, parse_record
-from engine.core.rules import HF_TOKEN_PATTERN
+from engine.core.scrub import looks_secret
 
 _E = TypeVar("_E", bound=BaseEvent)
 
@@ -129,7 +129,7 @@ def _prepare_sqlite_file(url: sa.URL, create: bool) -> None:
 
 
 def _check_payload(payload: str) -> None:
-    if HF_TOKEN_PATTERN.search(payload):
+    if looks_secret(payload):
         raise SecretInPayload("refusing to journal an event that contains a token-like string")
 
 

@@ -22,6 +22,10 @@ from engine.core.state import ServerProcess
 from engine.effects import Exited
 
 MARKER_ENV = "STUDIO_ENGINE_MARKER"
+# What a llama-server inherits from the engine's environment; everything else (HF_TOKEN, cloud
+# keys, database URLs ...) is dropped. `Engine.open(child_env=...)` adds more, explicitly.
+CHILD_ENV_NAMES = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH"})
+CHILD_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "HIP_", "ROCR_", "HSA_", "GGML_", "OMP_")
 TAIL_LINES = 50
 _POLL_S = 0.02
 CREATE_TIME_SLACK = 0.01  # psutil rounds create_time differently across calls on some kernels
@@ -38,9 +42,22 @@ def same_identity(proc: psutil.Process, create_time: float) -> bool:
         return False
 
 
+def child_environment(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """The allow-listed part of `environ`, then `extra` (the engine's own additions) on top."""
+    kept = {
+        name: value
+        for name, value in environ.items()
+        if name in CHILD_ENV_NAMES or name.startswith(CHILD_ENV_PREFIXES)
+    }
+    return {**kept, **extra}
+
+
 class ProcessManager:
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
-        self._env = dict(env or {})
+    def __init__(
+        self, env: Mapping[str, str] | None = None, *, child_env: Mapping[str, str] | None = None
+    ) -> None:
+        # What the binary needs (library path) and what the operator added (`child_env`).
+        self._env = {**(child_env or {}), **(env or {})}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
 
@@ -53,7 +70,7 @@ class ProcessManager:
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **self._env, MARKER_ENV: marker},
+                env=child_environment(os.environ, {**self._env, MARKER_ENV: marker}),
                 start_new_session=True,
                 close_fds=True,
             )
@@ -128,6 +145,17 @@ class ProcessManager:
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
         return found
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether `pid` itself holds the socket listening on TCP `port`."""
+    try:
+        connections = psutil.Process(pid).net_connections(kind="tcp")
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return any(
+        c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections
+    )
 
 
 def log_tail(log_path: str, lines: int = TAIL_LINES, max_bytes: int = 16384) -> str:

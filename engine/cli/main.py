@@ -96,7 +96,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the previous handler:
         # make that a clean exit, so the engine below still stops its servers.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        # Event streams never end on their own: give them 5 s, then close them.
+        uvicorn.run(
+            app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5
+        )
     finally:
         backend.close()
     return 0

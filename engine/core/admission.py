@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from engine.core.events import LoadSpec, ResolvedModel
-from engine.core.rules import SHADOW_GROUPS, flag_name, split_flags
+from engine.core.rules import SHADOW_GROUPS, split_flags
 
 MIB: Final = 1024 * 1024
 # Compute buffers, the CUDA/runtime context and the server itself; a conservative allowance.
@@ -69,14 +69,15 @@ class Estimate:
 
 
 def server_context(spec: LoadSpec, extra_args: tuple[str, ...], native_ctx: int | None) -> int:
-    """The context llama-server will allocate: a `-c` in the extras wins (it comes last)."""
+    """The context llama-server will allocate: a `-c` in the extras wins (it comes last).
+
+    `extra_args` are canonical (engine.core.policy): `-c 8` arrives as `--ctx-size 8`.
+    """
     requested = spec.max_seq_length or 0
     for run in split_flags(extra_args):
-        name = flag_name(run[0])
-        if name in SHADOW_GROUPS["max_seq_length"]:
-            value = run[0].split("=", 1)[1] if "=" in run[0] else run[1] if len(run) > 1 else ""
-            if value.isdigit():
-                requested = int(value)
+        in_group = run[0] in SHADOW_GROUPS["max_seq_length"] and len(run) > 1
+        if in_group and run[1].isascii() and run[1].isdigit():
+            requested = int(run[1])
     return requested or native_ctx or FALLBACK_CONTEXT
 
 

@@ -7,7 +7,7 @@ first-class settings the engine manages come before them (FIELD-NOTES.md).
 from __future__ import annotations
 
 from engine.core.events import LoadSpec, ResolvedModel
-from engine.core.rules import flag_name, normal_speculative
+from engine.core.rules import normal_speculative
 
 SPECULATIVE_FLAGS: dict[str, tuple[str, ...]] = {
     "default": ("--spec-default",),
@@ -26,13 +26,17 @@ def build_argv(
     port: int,
     threads: int | None = None,
     template_file: str | None = None,
+    api_key_file: str | None = None,
+    host: str = "127.0.0.1",
 ) -> tuple[str, ...]:
+    """`host` may be a Unix socket path ending in `.sock`; the key is passed as a file (0600),
+    never in argv, which every local user can read in /proc/<pid>/cmdline."""
     argv = [
         binary,
         "-m",
         model.model_file,
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         "-c",
@@ -41,12 +45,14 @@ def build_argv(
         "1",
         "--no-context-shift",
     ]
+    if api_key_file:
+        argv += ["--api-key-file", api_key_file]
     if threads:
         argv += ["--threads", str(threads)]
     argv.append("--jinja")
     if spec.cache_type_kv:
         argv += ["--cache-type-k", spec.cache_type_kv, "--cache-type-v", spec.cache_type_kv]
-    user_flags = {flag_name(token) for token in extra_args}
+    user_flags = set(extra_args)  # canonical tokens (engine.core.policy)
     if not user_flags & {"--spec-type", "--spec-default"}:
         argv += SPECULATIVE_FLAGS[normal_speculative(spec.speculative_type, model.is_vision)]
     if template_file:

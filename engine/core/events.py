@@ -217,12 +217,23 @@ class SpawnStarted(BaseEvent):
     log_path: str
     extra_args: tuple[str, ...]
     extra_args_source: str | None = None
+    socket_path: str | None = None  # listen="unix": where the server listens instead of a port
 
 
 class Spawned(BaseEvent):
     type: Literal["spawned"] = "spawned"
     pid: int
     create_time: float
+
+
+class SpawnRetried(BaseEvent):
+    """The spawned server could not own its port (a foreign listener answered /health, or it
+    logged "couldn't bind"): it is confirmed dead, and the load spawns again on a new port."""
+
+    type: Literal["spawn_retried"] = "spawn_retried"
+    attempt: int  # 1 for the first retry
+    failure_kind: Literal["port_in_use"]
+    port: int  # the port that was taken
 
 
 class HealthPassed(BaseEvent):
@@ -298,6 +309,7 @@ Event = Annotated[
     | Settled
     | SpawnStarted
     | Spawned
+    | SpawnRetried
     | HealthPassed
     | HealthFailed
     | UnloadRequested
@@ -441,10 +453,48 @@ def parse_node_event(payload: str | bytes) -> NodeEvent:
     return NODE_EVENT_ADAPTER.validate_json(payload)
 
 
+# --- the capability probe cache: one record per llama-server binary identity -------------------
+
+CAPABILITIES_STREAM = "@capabilities"
+
+
+class CapabilitiesProbed(BaseEvent):
+    """`llama-server --help` of one binary, keyed by its identity (path, size, mtime).
+
+    The help text itself is stored (not the parsed flags), so a better parser reads old
+    records correctly; engine.core.capabilities.parse_help turns it into flags.
+    """
+
+    type: Literal["capabilities_probed"] = "capabilities_probed"
+    binary: str
+    size_bytes: int
+    mtime_ns: int
+    help_text: str
+
+
+CAPABILITIES_PROBED_ADAPTER: TypeAdapter[CapabilitiesProbed] = TypeAdapter(CapabilitiesProbed)
+
+
+# --- files the engine deleted: server logs past retention, keys of dead servers -----------------
+
+RUN_FILES_STREAM = "@run-files"
+
+
+class LogsPruned(BaseEvent):
+    """Server logs (and the keys of those servers) deleted by the retention policy
+    (engine.core.retention): the last 50 loads per slot, failed ones for 7 days."""
+
+    type: Literal["logs_pruned"] = "logs_pruned"
+    slot: str
+    load_ids: tuple[str, ...]
+
+
 # The records of the engine's own streams ("@..."), for readers that follow every stream.
 _STREAM_ADAPTERS: dict[str, TypeAdapter[Any]] = {
     HUB_PROBE_STREAM: HUB_PROBED_ADAPTER,
     NODE_STREAM: NODE_EVENT_ADAPTER,
+    CAPABILITIES_STREAM: CAPABILITIES_PROBED_ADAPTER,
+    RUN_FILES_STREAM: TypeAdapter(LogsPruned),
 }
 
 

@@ -78,7 +78,9 @@ def _spawn_started(state: SlotState, e: ev.SpawnStarted) -> Changes:
         argv=e.argv,
     )
     # The process is not known yet; its port, marker and log are (write-ahead intent).
-    process = ServerProcess(0, 0.0, e.port, pending.load_id, e.marker, e.log_path)
+    process = ServerProcess(
+        0, 0.0, e.port, pending.load_id, e.marker, e.log_path, socket_path=e.socket_path
+    )
     return dict(pending=replace(pending, launch=launch), process=process)
 
 
@@ -86,6 +88,14 @@ def _spawn_started(state: SlotState, e: ev.SpawnStarted) -> Changes:
 def _spawned(state: SlotState, e: ev.Spawned) -> Changes:
     assert state.process is not None
     return dict(process=replace(state.process, pid=e.pid, create_time=e.create_time))
+
+
+@_on(ev.SpawnRetried)
+def _spawn_retried(state: SlotState, e: ev.SpawnRetried) -> Changes:
+    pending = _pending(state)
+    # Settled already: the retry spawns at once; the dead server's launch is forgotten.
+    retried = replace(pending, launch=None, settled=True, health_passed=False, error=None)
+    return dict(pending=replace(retried, spawn_retries=e.attempt), process=None)
 
 
 @_on(ev.HealthPassed)

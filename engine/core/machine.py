@@ -56,6 +56,8 @@ TRANSITIONS: Final[tuple[tuple[str, tuple[str, ...], str], ...]] = (
     # Spawn (intent first, then the pid), warm up, commit.
     ("spawn_started", ("settling",), "spawning"),
     ("spawned", ("spawning",), "warming"),
+    # Our server could not own its port: it is dead (killed if need be), spawn again.
+    ("spawn_retried", ("warming", "killing"), "settling"),
     ("health_passed", ("warming",), SAME),
     ("health_failed", ("warming",), SAME),
     ("load_succeeded", ("warming",), "ready"),

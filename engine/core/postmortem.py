@@ -42,6 +42,7 @@ PHASE_CLOSES: Final = {
     "spawned": "spawn",
     "health_passed": "warm",
     "health_failed": "warm",
+    "spawn_retried": "warm",
 }
 
 
@@ -300,6 +301,14 @@ class _Analysis:
                 load = self.loads.get(current or "")
                 if load is not None:
                     load.pid = pid
+            case ev.SpawnRetried(attempt=attempt, port=port):
+                self.anomaly(
+                    seq,
+                    at,
+                    "port_in_use",
+                    f"port {port} of load {current} was taken by another listener; spawned "
+                    f"again (retry {attempt})",
+                )
             case ev.HealthPassed(waited_s=waited):
                 if waited > self.health_wait_s:
                     self.anomaly(

@@ -8,15 +8,25 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SecretStr,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
+from engine.core.capabilities import ServerCapabilities
 from engine.core.events import LoadSpec
+from engine.core.policy import check_extra_args
 from engine.core.rules import (
     CACHE_TYPES,
     MAX_CONTEXT,
     SPECULATIVE_TYPES,
     InvalidRequest,
-    check_extra_args,
     check_text,
 )
 
@@ -26,17 +36,18 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$"
 class LoadRequest(BaseModel):
     """What the Studio backend asks for. Field names match today's Studio backends."""
 
+    # Strict: `max_seq_length=True` is not 1 and `"512"` is not 512; a bad type names its field.
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model_path: str
-    gguf_variant: str | None = None
-    max_seq_length: int | None = None  # None = not set (inherit), 0 = model native
-    cache_type_kv: str | None = None
-    speculative_type: str | None = None
-    chat_template_override: str | None = None
-    llama_extra_args: list[str] | None = None  # None = inherit, [] = clear
+    model_path: StrictStr
+    gguf_variant: StrictStr | None = None
+    max_seq_length: StrictInt | None = None  # None = not set (inherit), 0 = model native
+    cache_type_kv: StrictStr | None = None
+    speculative_type: StrictStr | None = None
+    chat_template_override: StrictStr | None = None
+    llama_extra_args: list[StrictStr] | None = None  # None = inherit, [] = clear
     hf_token: SecretStr | None = None
-    force: bool = False
+    force: StrictBool = False
 
     @field_validator("llama_extra_args", mode="before")
     @classmethod
@@ -58,11 +69,19 @@ def as_request(request: LoadRequest | dict[str, Any]) -> LoadRequest:
         raise InvalidRequest(f"{field}: {first['msg']}") from None
 
 
-def to_spec(request: LoadRequest | dict[str, Any], locate: Callable[[str], str | None]) -> LoadSpec:
+def to_spec(
+    request: LoadRequest | dict[str, Any],
+    locate: Callable[[str], str | None],
+    *,
+    capabilities: ServerCapabilities,
+    allow_flags: frozenset[str] = frozenset(),
+) -> LoadSpec:
     """Validate and normalise; every refusal names the field or flag it is about.
 
     `locate(model_path)` is the file system's answer (engine.adapters.local_models): the
     resolved path of a local model file, None for a hub repo id, InvalidRequest otherwise.
+    Extra args come out canonical (engine.core.policy), checked against what the binary
+    (`capabilities`) knows and the operator's `allow_flags`.
     """
     request = as_request(request)
     for field in ("model_path", "gguf_variant", "cache_type_kv", "speculative_type"):
@@ -76,7 +95,7 @@ def to_spec(request: LoadRequest | dict[str, Any], locate: Callable[[str], str |
         )
     extra_args = request.llama_extra_args
     if extra_args is not None:
-        check_extra_args(extra_args)
+        extra_args = list(check_extra_args(extra_args, capabilities, allow_flags))
 
     model = request.model_path.strip()
     if not model:
@@ -138,6 +157,7 @@ class LoadResult:
     error: str | None = None
     log_tail: str | None = None
     joined: bool = False  # this call joined an identical load already in flight
+    api_key: SecretStr | None = None  # the server's key (memory only; None = no key)
 
     @property
     def ok(self) -> bool:
@@ -162,6 +182,9 @@ class Status:
     queued_loads: int  # load calls accepted and not yet returned (in flight + waiting)
     last_error: str | None
     journal_version: int
+    api_key: SecretStr | None = None  # send as `Authorization: Bearer ...` (never journaled)
+    base_url: str | None = None  # http://127.0.0.1:PORT, or http://localhost over `socket_path`
+    socket_path: str | None = None  # listen="unix": the server's Unix socket
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,7 +1,6 @@
 """The reload rules production Studio backends learned the hard way, as pure functions.
 
 * which extra args a load gets (inherit / clear / replace, shadowed flags stripped by group),
-* which extra args are refused (the engine manages them),
 * when a load is a duplicate of what is serving (the full target, not just the model).
 """
 
@@ -12,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import Final
 
 from engine.core.events import LoadSpec
+from engine.core.scrub import looks_secret
 
 CACHE_TYPES: Final = frozenset(
     {"f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "f32"}
@@ -19,50 +19,13 @@ CACHE_TYPES: Final = frozenset(
 SPECULATIVE_TYPES: Final = frozenset({"default", "off", "ngram-simple", "ngram-mod"})
 MAX_CONTEXT: Final = 1 << 24
 
-# Flags that take no value; every other flag consumes the next token unless it is a flag.
-BOOLEAN_FLAGS: Final = frozenset(
-    {
-        "--spec-default",
-        "--jinja",
-        "--no-jinja",
-        "--no-mmap",
-        "--mlock",
-        "--verbose",
-        "-v",
-        "--no-warmup",
-        "--cont-batching",
-        "-cb",
-        "--no-cont-batching",
-        "--context-shift",
-        "--no-context-shift",
-        "--no-kv-offload",
-        "-nkvo",
-        "--check-tensors",
-        "--no-perf",
-        "--metrics",
-        "--slots",
-        "--no-slots",
-        "--props",
-        "--log-disable",
-        "--swa-full",
-    }
-)
-
 # Groups of inherited flags that shadow a first-class setting, keyed by the request field.
+# Canonical names only: extra args are canonicalised by engine.core.policy before they are
+# stored, so `-c`, `--ctx_size` and `--ctx-size=8` all arrive here as `--ctx-size`.
 SHADOW_GROUPS: Final[dict[str, frozenset[str]]] = {
-    "max_seq_length": frozenset({"-c", "--ctx-size"}),
-    "cache_type_kv": frozenset({"-ctk", "--cache-type-k", "-ctv", "--cache-type-v"}),
-    "speculative_type": frozenset(
-        {
-            "--spec-default",
-            "--spec-type",
-            "--spec-ngram-size-n",
-            "--draft-min",
-            "--draft-max",
-            "--model-draft",
-            "-md",
-        }
-    ),
+    "max_seq_length": frozenset({"--ctx-size"}),
+    "cache_type_kv": frozenset({"--cache-type-k", "--cache-type-v"}),
+    "speculative_type": frozenset({"--spec-default", "--spec-type", "--draft", "--draft-min"}),
     "chat_template_override": frozenset(
         {
             "--chat-template",
@@ -75,70 +38,9 @@ SHADOW_GROUPS: Final[dict[str, frozenset[str]]] = {
 }
 _SPEC_PREFIXES: Final = ("--spec-", "--draft-", "--draft")
 
-# What the engine manages: user extra args may never set these (contract rule 5).
-DENIED_FLAGS: Final[dict[str, str]] = {
-    **dict.fromkeys(
-        (
-            "-m",
-            "--model",
-            "-mu",
-            "--model-url",
-            "-hf",
-            "-hfr",
-            "--hf-repo",
-            "-hff",
-            "--hf-file",
-            "-hft",
-            "--hf-token",
-            "-mm",
-            "--mmproj",
-            "-mmu",
-            "--mmproj-url",
-            "-dr",
-            "--docker-repo",
-            "-hfv",
-            "-hffv",
-        ),
-        "model identity",
-    ),
-    **dict.fromkeys(("--host", "--port", "--path", "--api-prefix", "--reuse-port"), "network"),
-    **dict.fromkeys(
-        ("--api-key", "--api-key-file", "--ssl-key-file", "--ssl-cert-file"), "auth/TLS"
-    ),
-    **dict.fromkeys(
-        (
-            "--ui",
-            "--no-ui",
-            "--webui",
-            "--no-webui",
-            "--ui-config",
-            "--ui-config-file",
-            "--ui-mcp-proxy",
-            "--no-ui-mcp-proxy",
-        ),
-        "web UI",
-    ),
-    **dict.fromkeys(("-np", "--parallel", "--n-parallel"), "parallel slots"),
-    **dict.fromkeys(
-        (
-            "--models-dir",
-            "--models-preset",
-            "--models-max",
-            "--models-autoload",
-            "--no-models-autoload",
-        ),
-        "model router",
-    ),
-    **dict.fromkeys(("--embedding", "--embeddings", "--rerank", "--reranking"), "server mode"),
-    "--tools": "tools",
-    "--log-file": "log file",
-    "--slot-save-path": "slot save path",
-}
-_ATTACHED_VALUE_FLAGS: Final = ("-np",)  # `-np8` is `-np 8`
-
-HF_TOKEN_PATTERN: Final = re.compile(r"hf_[A-Za-z0-9]{30,}")
 _CONTROL_CHARS: Final = re.compile(r"[\x00-\x1f\x7f]")
-_NUMBER: Final = re.compile(r"^-?\d+(\.\d+)?$")
+# A number written in ASCII (`-1`, `0.7`, `1e-5`): a value, never a flag.
+NUMBER: Final = re.compile(r"[-+]?[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?")
 
 
 class InvalidRequest(ValueError):
@@ -149,29 +51,26 @@ class InvalidRequest(ValueError):
 
 
 def is_flag(token: str) -> bool:
-    return token.startswith("-") and not _NUMBER.match(token) and token != "-"
-
-
-def flag_name(token: str) -> str:
-    return token.split("=", 1)[0]
+    return token.startswith("-") and not NUMBER.fullmatch(token) and token != "-"
 
 
 def split_flags(args: Iterable[str]) -> Iterator[tuple[str, ...]]:
-    """Group a token list into (flag, value?) runs; `--flag=value` is one token."""
+    """Group canonical tokens into (flag, values...) runs.
+
+    Canonical tokens (engine.core.policy) make this exact: a value never starts with `-`
+    unless it is a number, and every non-flag token is the value of the flag before it.
+    """
     tokens = list(args)
     i = 0
     while i < len(tokens):
         token = tokens[i]
-        takes_value = (
-            is_flag(token)
-            and "=" not in token
-            and token not in BOOLEAN_FLAGS
-            and i + 1 < len(tokens)
-            and not is_flag(tokens[i + 1])
-        )
+        takes_value = is_flag(token) and i + 1 < len(tokens) and not is_flag(tokens[i + 1])
         if takes_value:
-            yield (token, tokens[i + 1])
-            i += 2
+            end = i + 1
+            while end < len(tokens) and not is_flag(tokens[end]):
+                end += 1  # `--control-vector-layer-range START END`
+            yield tuple(tokens[i:end])
+            i = end
         else:
             yield (token,)
             i += 1
@@ -193,7 +92,7 @@ def shadowing_flags(extra_args: Iterable[str], spec: LoadSpec) -> list[str]:
     return [
         run[0]
         for run in split_flags(extra_args)
-        if is_flag(run[0]) and any(_in_group(flag_name(run[0]), g) for g in groups)
+        if is_flag(run[0]) and any(_in_group(run[0], g) for g in groups)
     ]
 
 
@@ -202,7 +101,7 @@ def strip_shadowed(extra_args: Iterable[str], spec: LoadSpec) -> tuple[str, ...]
     groups = fields_set(spec)
     kept: list[str] = []
     for run in split_flags(extra_args):
-        if is_flag(run[0]) and any(_in_group(flag_name(run[0]), g) for g in groups):
+        if is_flag(run[0]) and any(_in_group(run[0], g) for g in groups):
             continue
         kept.extend(run)
     return tuple(kept)
@@ -225,42 +124,11 @@ def effective_extra_args(
 def check_text(field: str, value: str) -> None:
     if _CONTROL_CHARS.search(value):
         raise InvalidRequest(f"{field}: control characters are not allowed")
-    if HF_TOKEN_PATTERN.search(value):
+    if looks_secret(value):
         raise InvalidRequest(
             f"{field}: looks like a Hugging Face token; pass tokens through `hf_token`, "
             "never inside other fields"
         )
-
-
-def check_extra_args(extra_args: Iterable[str]) -> None:
-    args = list(extra_args)
-    for index, token in enumerate(args):
-        check_text(f"llama_extra_args[{index}]", token)
-    for run in split_flags(args):
-        token = run[0]
-        name = flag_name(token)
-        denied = DENIED_FLAGS.get(name)
-        if denied is None:
-            denied = next(
-                (
-                    DENIED_FLAGS[f]
-                    for f in _ATTACHED_VALUE_FLAGS
-                    if token.startswith(f) and token[len(f) :].isdigit()
-                ),
-                None,
-            )
-        if denied is not None:
-            raise InvalidRequest(
-                f"llama_extra_args: {name!r} is managed by the engine ({denied}) and cannot be "
-                "passed through"
-            )
-        if name in SHADOW_GROUPS["max_seq_length"]:
-            value = token.split("=", 1)[1] if "=" in token else (run[1] if len(run) > 1 else None)
-            if value is None or not value.isdigit() or int(value) > MAX_CONTEXT:
-                raise InvalidRequest(
-                    f"llama_extra_args: {name} needs a context length in 0..{MAX_CONTEXT}, "
-                    f"got {value!r}"
-                )
 
 
 # --- identity and duplicate detection --------------------------------------------------------

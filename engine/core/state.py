@@ -21,6 +21,7 @@ class ServerProcess:
     load_id: str
     marker: str
     log_path: str
+    socket_path: str | None = None  # listen="unix": the server's socket (port unused)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,7 @@ class PendingLoad:
     launch: LoadedModel | None = None  # set at spawn_started: what the new server gets
     health_passed: bool = False
     error: str | None = None
+    spawn_retries: int = 0  # spawns retried because the port was taken (at most 3)
 
 
 @dataclass(frozen=True, slots=True)

@@ -494,6 +494,72 @@ def bench_node(folder: Path, rounds: int) -> None:
     )
 
 
+def bench_security(folder: Path, rounds: int) -> None:
+    """The extra-args policy per load, and Engine.open with a binary the journal already knows
+    (its capabilities read from `@capabilities`: no `--help` subprocess)."""
+    from engine.adapters import capabilities as probe
+    from engine.adapters.binary import locate_server
+    from engine.adapters.local_models import locate_model_file
+    from engine.core.policy import check_extra_args
+    from engine.core.request import to_spec
+
+    binary = locate_server()
+    env = {**os.environ, **binary.env}
+    caps = probe.probe_capabilities(str(binary.path), env, None)
+    extras = ["--top-k", "20", "--seed", "-1", "-c", "8192", "--temp=0.7", "-fa", "on"]
+    request = LoadRequest(model_path="owner/repo", llama_extra_args=extras)
+    bare = LoadRequest(model_path="owner/repo")
+
+    def per_call(fn: Callable[[], object], n: int = 2000) -> float:
+        samples = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples.append((time.perf_counter() - t) / n)
+        return statistics.median(samples)
+
+    policy = per_call(lambda: check_extra_args(extras, caps))
+    with_extras = per_call(lambda: to_spec(request, locate_model_file, capabilities=caps))
+    without = per_call(lambda: to_spec(bare, locate_model_file, capabilities=caps))
+    _row(
+        f"extra-args policy, {len(extras)} tokens (median)",
+        f"{policy * 1e6:.1f} µs",
+        "target <= 200 µs per load",
+    )
+    _row(
+        "  to_spec with those extras / without",
+        f"{with_extras * 1e6:.1f} / {without * 1e6:.1f} µs",
+    )
+
+    journal_path = folder / "security.db"
+    t = time.perf_counter()
+    help_text = probe.run_help(str(binary.path), env)
+    run_help = time.perf_counter() - t
+    t = time.perf_counter()
+    parse = per_call(lambda: probe.parse_help(help_text), 20)
+    journal = Journal.open(journal_path)
+    probe.probe_capabilities(str(binary.path), env, journal)  # now known to this journal
+    cached = per_call(lambda: probe.probe_capabilities(str(binary.path), env, journal), 20)
+    journal.close()
+    opens = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        engine = Engine.open(journal_path, run_dir=folder / "run-sec", monitor=False)
+        opens.append(time.perf_counter() - t)
+        engine.close()
+    _row(
+        "capabilities: --help run / parse / journal hit",
+        f"{run_help * 1000:.1f} / {parse * 1000:.2f} / {cached * 1000:.2f} ms",
+        "an open with a known binary pays the hit",
+    )
+    _row(
+        "Engine.open, known binary (median)",
+        f"{statistics.median(opens) * 1000:.1f} ms",
+        "target <= 20 ms (includes --version check)",
+    )
+
+
 def main() -> int:
     quick = "--quick" in sys.argv
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
@@ -507,6 +573,7 @@ def main() -> int:
         bench_hub_repeat(folder, 3 if quick else 10)
         bench_settle()
         bench_node(folder, 3 if quick else 8)
+        bench_security(folder, 3 if quick else 10)
     return 0
 
 

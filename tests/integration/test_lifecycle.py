@@ -40,10 +40,12 @@ def test_load_reaches_ready_with_a_live_healthy_server(
     server = psutil.Process(pid)
     assert server.environ()[MARKER_ENV].endswith(real_engine.state.process.load_id)  # type: ignore[union-attr]
     assert os.getsid(pid) == pid, "the server runs in its own session"
+    assert status.api_key is not None  # the server is reachable with its key only
     completion = httpx.post(
         f"http://127.0.0.1:{port}/completion",
         trust_env=False,
         json={"prompt": "hi", "n_predict": 4},
+        headers={"Authorization": f"Bearer {status.api_key.get_secret_value()}"},
         timeout=10,
     ).json()
     assert completion["tokens_predicted"] == 4
@@ -79,11 +81,12 @@ def test_extra_arg_the_server_rejects_fails_with_its_own_text(
 ) -> None:
     _loaded(real_engine, tiny_model, llama_extra_args=["--seed", "42"])
     result = real_engine.load(
-        LoadRequest(model_path=str(tiny_model), llama_extra_args=["--no-such-flag"])
+        # A flag the binary knows, with a value only the server itself judges.
+        LoadRequest(model_path=str(tiny_model), llama_extra_args=["--numa", "bogus"])
     )
     assert result.status == "failed" and result.state == "failed"
-    assert "invalid argument: --no-such-flag" in (result.error or "")
-    assert "--no-such-flag" in (result.log_tail or "")
+    assert 'argument "--numa": invalid value' in (result.error or "")
+    assert "--numa" in (result.log_tail or "")
     assert real_engine.status().pid is None
     _previous_extras_kept(real_engine)
 

@@ -61,11 +61,12 @@ def test_inherited_extras_survive_unload_and_load(real_engine: Engine, tiny_mode
 def test_inherited_context_is_stripped_when_the_request_sets_it(
     real_engine: Engine, tiny_model: Path
 ) -> None:
-    loaded(real_engine, tiny_model, llama_extra_args=["-c", "4096", "--seed", "42"])
-    assert contains(cmdline(real_engine), "-c", "4096")
+    # Any spelling llama.cpp accepts is the same flag: `--ctx_size` is stripped too (issue 12).
+    loaded(real_engine, tiny_model, llama_extra_args=["--ctx_size", "4096", "--seed", "42"])
+    assert contains(cmdline(real_engine), "--ctx-size", "4096")
     loaded(real_engine, tiny_model, max_seq_length=8192)
     argv = cmdline(real_engine)
-    assert contains(argv, "-c", "8192") and not contains(argv, "-c", "4096")
+    assert contains(argv, "-c", "8192") and not contains(argv, "--ctx-size", "4096")
     assert contains(argv, "--seed", "42")
 
 

@@ -43,8 +43,8 @@ def spec(**fields: object) -> ev.LoadSpec:
         (None, (), 8192, 8192),  # not set: the model's native context
         (0, (), 8192, 8192),
         (4096, (), 8192, 4096),
-        (None, ("-c", "2048"), 8192, 2048),  # an inherited -c is what the server gets
-        (4096, ("--ctx-size=1024",), 8192, 1024),  # extras come last and win
+        (None, ("--ctx-size", "2048"), 8192, 2048),  # an inherited -c is what it gets
+        (4096, ("--ctx-size", "1024"), 8192, 1024),  # extras come last and win
         (None, (), None, 4096),  # header silent: llama-server's default
     ],
 )

@@ -15,14 +15,13 @@ from engine.core.evolve import fold
 from engine.core.request import to_spec
 from engine.core.rules import (
     InvalidRequest,
-    check_extra_args,
     effective_extra_args,
     split_flags,
     strip_shadowed,
 )
 from engine.core.state import SlotState
 from engine.orchestrator import Engine
-from tests.fakes import FakeEffects
+from tests.fakes import FakeEffects, fixture_capabilities
 
 MODEL = "/models/qwen.gguf"
 OTHER = "/models/llama.gguf"
@@ -147,16 +146,16 @@ SHORT_CIRCUIT: list[tuple[str, ev.LoadSpec, dict[str, Any], ev.LoadSpec, bool]] 
         True,
     ),
     (
-        "inherited -c shadows a set context",
-        spec(max_seq_length=8192, extra_args=["-c", "4096"]),
-        {"extra_args": ("-c", "4096")},
+        "inherited --ctx-size shadows a set context",
+        spec(max_seq_length=8192, extra_args=["--ctx-size", "4096"]),
+        {"extra_args": ("--ctx-size", "4096")},
         spec(max_seq_length=8192),
         False,
     ),
     (
-        "inherited -c does not matter when context is not set",
-        spec(extra_args=["-c", "4096"]),
-        {"extra_args": ("-c", "4096")},
+        "inherited --ctx-size does not matter when context is not set",
+        spec(extra_args=["--ctx-size", "4096"]),
+        {"extra_args": ("--ctx-size", "4096")},
         spec(),
         True,
     ),
@@ -230,7 +229,7 @@ INHERITANCE: list[tuple[str, ev.LoadSpec, tuple[str, ...], str | None, tuple[str
     (
         "context group stripped when set",
         spec(max_seq_length=8192),
-        ("-c", "4096", "--seed", "42"),
+        ("--ctx-size", "4096", "--seed", "42"),
         f"file:{MODEL}",
         ("--seed", "42"),
     ),
@@ -242,30 +241,33 @@ INHERITANCE: list[tuple[str, ev.LoadSpec, tuple[str, ...], str | None, tuple[str
         ("--ctx-size", "4096", "--seed", "42"),
     ),
     (
-        "--flag=value is one token",
+        "a flag with two values is stripped whole",
         spec(max_seq_length=0),
-        ("--ctx-size=4096", "--top-k", "20"),
+        ("--control-vector-layer-range", "1", "2", "--ctx-size", "8", "--top-k", "20"),
         f"file:{MODEL}",
-        ("--top-k", "20"),
+        ("--control-vector-layer-range", "1", "2", "--top-k", "20"),
     ),
     (
         "cache group stripped, context kept",
         spec(cache_type_kv="q8_0"),
-        ("-ctk", "f16", "--cache-type-v", "f16", "-c", "4096"),
+        ("--cache-type-k", "f16", "--cache-type-v", "f16", "--ctx-size", "4096"),
         f"file:{MODEL}",
-        ("-c", "4096"),
+        ("--ctx-size", "4096"),
     ),
     (
         "spec group: boolean --spec-default consumes no value",
         spec(speculative_type="off"),
-        ("--spec-default", "--seed", "42", "--draft-max", "16", "--spec-ngram-size-n", "4"),
+        ("--spec-default", "--seed", "42", "--draft", "16", "--spec-ngram-size-n", "4"),
         f"file:{MODEL}",
         ("--seed", "42"),
     ),
     (
-        "spec group: other --spec-*/--draft-* flags and -md",
+        "spec group: other --spec-* flags, the draft model among them",
         spec(speculative_type="ngram-mod"),
-        ("--spec-foo", "1", "--draft-p-min", "0.5", "-md", "/d.gguf", "--top-k", "20"),
+        (
+            *("--spec-draft-n-max", "1", "--spec-draft-p-min", "0.5"),
+            *("--spec-draft-model", "/d", "--top-k", "20"),
+        ),
         f"file:{MODEL}",
         ("--top-k", "20"),
     ),
@@ -279,9 +281,9 @@ INHERITANCE: list[tuple[str, ev.LoadSpec, tuple[str, ...], str | None, tuple[str
     (
         "-1 is a value, not a flag",
         spec(max_seq_length=512),
-        ("--seed", "-1", "-c", "4096", "-n", "-1"),
+        ("--seed", "-1", "--ctx-size", "4096", "--predict", "-1", "--temp", "1e-5"),
         f"file:{MODEL}",
-        ("--seed", "-1", "-n", "-1"),
+        ("--seed", "-1", "--predict", "-1", "--temp", "1e-5"),
     ),
 ]
 
@@ -315,77 +317,25 @@ def test_stored_extras_survive_unload_and_change_only_on_success() -> None:
 
 
 def test_split_flags_groups_values() -> None:
-    assert list(split_flags(["--jinja", "--top-k", "20", "--x=1", "-n", "-1", "--flag"])) == [
+    tokens = ["--jinja", "--top-k", "20", "--predict", "-1", "--range", "1", "2", "--flag"]
+    assert list(split_flags(tokens)) == [
         ("--jinja",),
         ("--top-k", "20"),
-        ("--x=1",),
-        ("-n", "-1"),
+        ("--predict", "-1"),
+        ("--range", "1", "2"),
         ("--flag",),
     ]
-    assert strip_shadowed(["-c"], spec(max_seq_length=1)) == ()
+    assert strip_shadowed(["--ctx-size"], spec(max_seq_length=1)) == ()
 
 
-# --- deny list and validation -----------------------------------------------------------------
-
-DENIED = [
-    (["-m", "/x.gguf"], "-m", "model identity"),
-    (["--model=/x.gguf"], "--model", "model identity"),
-    (["-hf", "a/b"], "-hf", "model identity"),
-    (["--hf-repo", "a/b"], "--hf-repo", "model identity"),
-    (["-hft", "secret"], "-hft", "model identity"),
-    (["-mm", "/p.gguf"], "-mm", "model identity"),
-    (["-dr", "x"], "-dr", "model identity"),
-    (["-hffv", "x"], "-hffv", "model identity"),
-    (["--port", "9"], "--port", "network"),
-    (["--host=0.0.0.0"], "--host", "network"),
-    (["--api-prefix", "/v"], "--api-prefix", "network"),
-    (["--reuse-port"], "--reuse-port", "network"),
-    (["--api-key", "k"], "--api-key", "auth/TLS"),
-    (["--ssl-cert-file", "c"], "--ssl-cert-file", "auth/TLS"),
-    (["--no-webui"], "--no-webui", "web UI"),
-    (["--ui-mcp-proxy"], "--ui-mcp-proxy", "web UI"),
-    (["-np", "4"], "-np", "parallel slots"),
-    (["-np8"], "-np8", "parallel slots"),
-    (["--parallel=2"], "--parallel", "parallel slots"),
-    (["--n-parallel", "2"], "--n-parallel", "parallel slots"),
-    (["--models-dir", "/m"], "--models-dir", "model router"),
-    (["--no-models-autoload"], "--no-models-autoload", "model router"),
-    (["--embeddings"], "--embeddings", "server mode"),
-    (["--reranking"], "--reranking", "server mode"),
-    (["--tools", "all"], "--tools", "tools"),
-    (["--log-file", "/tmp/x"], "--log-file", "log file"),
-    (["--slot-save-path", "/tmp"], "--slot-save-path", "slot save path"),
-]
-
-
-@pytest.mark.parametrize(("args", "flag", "kind"), DENIED, ids=[row[1] for row in DENIED])
-def test_denied_flags_are_named(args: list[str], flag: str, kind: str) -> None:
-    with pytest.raises(InvalidRequest) as caught:
-        check_extra_args(["--top-k", "20", *args])
-    assert repr(flag) in str(caught.value) and kind in str(caught.value)
-
-
-ALLOWED = [
-    ["--top-k", "20", "--seed", "-1"],
-    ["-c", "4096"],
-    ["--ctx-size=0"],
-    ["--jinja", "--temp", "0.7"],
-    ["-npp", "4"],  # a different flag that merely starts like -np
-    [],
-]
-
-
-@pytest.mark.parametrize("args", ALLOWED, ids=[" ".join(a) or "empty" for a in ALLOWED])
-def test_allowed_extra_args(args: list[str]) -> None:
-    check_extra_args(args)
-
+# --- request validation (the extra-args policy itself: tests/unit/test_policy.py) -----------
 
 TOKEN = "hf_" + "a1B2c3D4e5" * 3
 
 # (case, request fields, text the error must contain)
 REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ("bad -c value", {"llama_extra_args": ["-c", "big"]}, "-c needs a context length"),
-    ("-c without value", {"llama_extra_args": ["-c"]}, "-c needs a context length"),
+    ("-c without value", {"llama_extra_args": ["-c"]}, "'-c' needs a value"),
     ("negative -c", {"llama_extra_args": ["--ctx-size", "-5"]}, "--ctx-size needs"),
     ("huge -c", {"llama_extra_args": ["-c=99999999999"]}, "-c needs"),
     ("token in extras", {"llama_extra_args": ["--seed", TOKEN]}, "llama_extra_args[1]"),
@@ -408,7 +358,7 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
 def test_refused_requests_name_the_problem(fields: dict[str, Any], message: str) -> None:
     request = {"model_path": "unsloth/Qwen3-0.6B-GGUF", **fields}
     with pytest.raises(InvalidRequest) as caught:
-        to_spec(request, locate_model_file)
+        to_spec(request, locate_model_file, capabilities=fixture_capabilities())
     assert message in str(caught.value)
     assert TOKEN not in str(caught.value), "the error message must not echo a token"
 
@@ -417,6 +367,7 @@ def test_template_may_contain_newlines_and_tabs() -> None:
     parsed = to_spec(
         {"model_path": "owner/repo", "chat_template_override": "{% for m in x %}\n\t{{ m }}"},
         locate_model_file,
+        capabilities=fixture_capabilities(),
     )
     assert parsed.chat_template_override is not None
 
@@ -427,7 +378,7 @@ def test_a_refused_request_journals_nothing(
     engine, _ = fake_engine
     engine.load({"model_path": str(tiny_model), "llama_extra_args": ["--seed", "42"]})
     version = engine.status().journal_version
-    with pytest.raises(InvalidRequest, match="'--port' is managed by the engine"):
+    with pytest.raises(InvalidRequest, match="'--port' is refused: the engine owns"):
         engine.load({"model_path": str(tiny_model), "llama_extra_args": ["--port", "1"]})
     assert engine.status().journal_version == version
     engine.unload()
