@@ -34,6 +34,8 @@ from engine.core.decide import (
     Emit,
     Kill,
     Load,
+    Plan,
+    ReadProps,
     Resolve,
     Settle,
     Spawn,
@@ -48,7 +50,7 @@ from engine.core.evolve import evolve
 from engine.core.request import LoadRequest, LoadResult, Status, as_request, to_spec
 from engine.core.rules import InvalidRequest, same_target
 from engine.core.snapshot import encode as encode_snapshot
-from engine.core.state import SlotState
+from engine.core.state import LoadedModel, SlotState
 from engine.effects import Cancelled, CancelToken, DownloadProgress, Effects
 from engine.recovery import recover
 from engine.replay import SNAPSHOT_EVERY, open_state
@@ -103,9 +105,12 @@ class Engine:
         threads: int | None = None,
         memory_limit: int | None = None,
         snapshot_every: int = SNAPSHOT_EVERY,
+        fit_fraction: float = 0.97,
     ) -> None:
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0 (0 = off), not {snapshot_every!r}")
+        if not 0.80 <= fit_fraction <= 1.00:
+            raise ValueError(f"fit_fraction must be in 0.80..1.00, not {fit_fraction!r}")
         self.slot = slot
         self.journal = journal
         self.journal_id = journal_id(journal)
@@ -116,6 +121,7 @@ class Engine:
             settle_max_wait=settle_max_wait,
             threads=threads,
             memory_limit=memory_limit,
+            fit_fraction=fit_fraction,
         )
         self._snapshot_every = snapshot_every
         self._lease: Lease | None = None  # set by open(): this engine's claim on the slot
@@ -284,6 +290,7 @@ class Engine:
             queued_loads=len(self._flights),
             last_error=state.last_error,
             journal_version=state.version,
+            **launch_status(served),
         )
 
     def load(self, request: LoadRequest | dict[str, Any]) -> LoadResult:
@@ -352,7 +359,9 @@ class Engine:
             return LoadResult(
                 "cancelled", flight.load_id, self._state.state, error=flight.token.reason
             )
-        command = Load(flight.load_id, flight.spec, self.effects.now())
+        command = Load(
+            flight.load_id, flight.spec, self.effects.now(), self.effects.binary_identity()
+        )
         events = decide(command, self._state)
         self._emit_all(events)
         if isinstance(events[0], ev.LoadShortCircuited):
@@ -420,8 +429,10 @@ class Engine:
     def _drive(self, token: CancelToken | None) -> None:
         """Run steps until the pure core says there is nothing left to do."""
         while (step := next_step(self._state, self.effects.now())) is not None:
-            if token is not None and not isinstance(step, Emit):
-                token.check()  # checkpoint before every effect
+            # Checkpoint before every effect; past health a load commits (reading /props is
+            # part of committing it, not a new phase a cancel could interrupt).
+            if token is not None and not isinstance(step, Emit | ReadProps):
+                token.check()
             self._run(step, token or CancelToken())
 
     def _run(self, step: Step, token: CancelToken) -> None:
@@ -434,8 +445,12 @@ class Engine:
                 steps.kill(self, reason)
             case Settle():
                 steps.settle(self, token)
+            case Plan():
+                steps.plan(self)
             case Spawn():
                 steps.spawn(self, token)
+            case ReadProps():
+                steps.read_props(self)
             case AwaitHealth():
                 steps.await_health(self, token)
             case Emit(events=events):
@@ -486,6 +501,31 @@ class Engine:
         """Reconcile the replayed state with the real process table (see engine.recovery)."""
         with self._serial:
             recover(self)
+
+
+def launch_status(served: LoadedModel | None) -> dict[str, Any]:
+    """Status fields of the launch: the server's own figures (/props) over the plan's."""
+    if served is None:
+        return {}
+    plan, props = served.plan, served.props
+    kind = served.model.kind
+    return dict(
+        context_length=props.n_ctx if props is not None else None,
+        max_context_length=plan.max_context if plan is not None else None,
+        native_context_length=(
+            plan.native_context if plan is not None else served.model.native_ctx
+        ),
+        parallel_slots=(
+            props.total_slots
+            if props is not None and props.total_slots is not None
+            else plan.parallel_slots
+            if plan is not None
+            else None
+        ),
+        gpus=plan.gpus if plan is not None else (),
+        offload=plan.offload if plan is not None else None,
+        kind=kind,
+    )
 
 
 def _fields(result: LoadResult) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from engine.core import admission
 from engine.core import events as ev
 from engine.core.cmdline import build_argv
 from engine.core.errors import EngineError, StepFailed
+from engine.core.plan import plan_launch, unservable
 from engine.core.rules import effective_extra_args
 from engine.core.state import SlotState
 from engine.effects import CancelToken, DownloadProgress, Effects, FileProgress
@@ -37,6 +38,7 @@ class SlotSettings:
     settle_max_wait: float
     threads: int | None
     memory_limit: int | None  # bytes this slot may use at most (None = the host's)
+    fit_fraction: float = 0.97  # share of each GPU the launch planner may fill (0.80-1.00)
 
 
 class Slot(Protocol):
@@ -77,6 +79,11 @@ def resolve(engine: Slot, token: CancelToken) -> None:
         listener=DownloadRecorder(engine, pending.load_id),
     )
     engine.emit(ev.ModelResolved(at=engine.effects.now(), load_id=pending.load_id, model=model))
+    # Refused here, before admission and the kill: the running server keeps serving.
+    known = engine.effects.lists_architecture(model.architecture) if model.architecture else None
+    refusal = unservable(model, known)
+    if refusal is not None:
+        raise StepFailed(refusal)
 
 
 def admit(engine: Slot) -> None:
@@ -105,6 +112,48 @@ def admit(engine: Slot) -> None:
             verdict=verdict,
             error=admission.refusal_message(need.need, budget) if verdict != "fits" else None,
         )
+    )
+
+
+def plan(engine: Slot) -> None:
+    """Plan the launch from what the host has now, after the previous server settled."""
+    state = engine.state
+    pending = state.pending
+    assert pending is not None and pending.model is not None
+    effects = engine.effects
+    capabilities = effects.capabilities()
+    request = ev.PlanRequest(
+        context=admission.explicit_context(
+            pending.spec, launch_extra_args(state), pending.model.native_ctx
+        ),
+        parallel_slots=pending.spec.parallel_slots,
+        cache_type_kv=pending.spec.cache_type_kv,
+    )
+    policy = ev.PlanPolicy(
+        fit_fraction=engine.settings.fit_fraction,
+        supports_kv_unified=capabilities.supports("--kv-unified"),
+        supports_fit=capabilities.supports("--fit"),
+    )
+    inventory = effects.inventory()
+    engine.emit(
+        ev.LaunchPlanned(
+            at=effects.now(),
+            load_id=pending.load_id,
+            inventory=inventory,
+            request=request,
+            policy=policy,
+            plan=plan_launch(pending.model, inventory, request, policy),
+        )
+    )
+
+
+def read_props(engine: Slot) -> None:
+    """What the healthy server actually got: the context the user gets is its n_ctx."""
+    state = engine.state
+    assert state.pending is not None and state.process is not None
+    props = engine.effects.server_props(state.process.port)
+    engine.emit(
+        ev.ServerPropsRead(at=engine.effects.now(), load_id=state.pending.load_id, props=props)
     )
 
 
@@ -175,6 +224,7 @@ def spawn(engine: Slot, token: CancelToken) -> None:
     extra_args = launch_extra_args(state)
     port = effects.free_port()
     template = pending.spec.chat_template_override
+    plan = pending.plan
     argv = build_argv(
         effects.binary,
         pending.model,
@@ -183,7 +233,10 @@ def spawn(engine: Slot, token: CancelToken) -> None:
         port=port,
         threads=engine.settings.threads,
         template_file=effects.template_file(template) if template is not None else None,
+        plan=plan,
     )
+    # Pin the planned GPUs; a CPU-only plan leaves the environment alone.
+    visible = ",".join(map(str, plan.gpus)) if plan is not None and plan.gpus else None
     marker = make_marker(engine.journal_id, engine.slot, pending.load_id)
     log_path = effects.log_path(pending.load_id)
     token.check()
@@ -197,9 +250,12 @@ def spawn(engine: Slot, token: CancelToken) -> None:
             log_path=log_path,
             extra_args=extra_args,
             extra_args_source=pending.model.source,
+            binary=effects.binary_identity(),
+            cuda_visible_devices=visible,
         )
     )
-    pid, create_time = effects.spawn(argv, marker, log_path)
+    env = {"CUDA_VISIBLE_DEVICES": visible} if visible is not None else None
+    pid, create_time = effects.spawn(argv, marker, log_path, env=env)
     engine.emit(
         ev.Spawned(at=effects.now(), load_id=pending.load_id, pid=pid, create_time=create_time)
     )

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import httpx
 
+from engine.core.events import ServerProps
 from engine.effects import CancelToken, Exited, Health
 
 REQUEST_TIMEOUT_S = 2.0
@@ -28,6 +29,25 @@ class HealthClient:
         if response.status_code == 200:
             return "ok"
         return "loading" if response.status_code == 503 else "down"
+
+    def props(self, port: int) -> ServerProps:
+        """The server's own account of what it got: context per slot, slots, alias, build."""
+        try:
+            response = self._client.get(f"http://127.0.0.1:{port}/props")
+            response.raise_for_status()
+            data = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            return ServerProps(error=f"GET /props failed: {type(exc).__name__}: {exc}"[:300])
+        if not isinstance(data, dict):
+            return ServerProps(error="GET /props did not answer a JSON object")
+        settings = data.get("default_generation_settings")
+        n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+        return ServerProps(
+            n_ctx=n_ctx if isinstance(n_ctx, int) else None,
+            total_slots=data["total_slots"] if isinstance(data.get("total_slots"), int) else None,
+            model_alias=str(data["model_alias"]) if data.get("model_alias") else None,
+            build_info=str(data["build_info"]) if data.get("build_info") else None,
+        )
 
     def close(self) -> None:
         self._client.close()

@@ -14,6 +14,7 @@ from engine.core.events import LoadSpec
 from engine.core.rules import (
     CACHE_TYPES,
     MAX_CONTEXT,
+    MAX_SLOTS,
     SPECULATIVE_TYPES,
     InvalidRequest,
     check_extra_args,
@@ -37,6 +38,7 @@ class LoadRequest(BaseModel):
     llama_extra_args: list[str] | None = None  # None = inherit, [] = clear
     hf_token: SecretStr | None = None
     force: bool = False
+    parallel_slots: int | None = None  # None = 4 with --kv-unified when supported, else 1
 
     @field_validator("llama_extra_args", mode="before")
     @classmethod
@@ -93,6 +95,9 @@ def to_spec(request: LoadRequest | dict[str, Any], locate: Callable[[str], str |
     ctx = request.max_seq_length
     if ctx is not None and not 0 <= ctx <= MAX_CONTEXT:
         raise InvalidRequest(f"max_seq_length: must be in 0..{MAX_CONTEXT} (0 = native), got {ctx}")
+    slots = request.parallel_slots
+    if slots is not None and not 1 <= slots <= MAX_SLOTS:
+        raise InvalidRequest(f"parallel_slots: must be in 1..{MAX_SLOTS}, got {slots}")
     cache = (request.cache_type_kv or "").strip().lower() or None
     if cache is not None and cache not in CACHE_TYPES:
         raise InvalidRequest(
@@ -117,6 +122,7 @@ def to_spec(request: LoadRequest | dict[str, Any], locate: Callable[[str], str |
         extra_args=tuple(extra_args) if extra_args is not None else None,
         token_fingerprint=token_fingerprint(token),
         force=request.force,
+        parallel_slots=slots,
     )
 
 
@@ -162,6 +168,15 @@ class Status:
     queued_loads: int  # load calls accepted and not yet returned (in flight + waiting)
     last_error: str | None
     journal_version: int
+    # The launch: what the server reported (context_length, parallel_slots from /props), the
+    # plan's fit ceiling, GPUs and offload, and the model's native context and kind.
+    context_length: int | None = None
+    max_context_length: int | None = None
+    native_context_length: int | None = None
+    parallel_slots: int | None = None
+    gpus: tuple[int, ...] = ()
+    offload: str | None = None  # "full" | "partial" | "cpu"
+    kind: str | None = None  # "chat" | "embedding" | "rerank"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
