@@ -154,7 +154,7 @@ def plan_launch(
     else:
         slots = slot_choices[0]
         context = request.context if request.context is not None else floor
-        top = context
+        top = ceiling(slots) or context  # what would have fitted, for the user to pick
         share = {}
         wanted = need(context, slots)
         if gpu_host:
