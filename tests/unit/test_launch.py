@@ -61,7 +61,6 @@ def test_max_seq_length_zero_is_an_explicit_native_request_never_c_0(
     engine.load({"model_path": str(tiny_model), "max_seq_length": 0})
     argv = effects.spawned[-1]
     assert flag_value(argv, "-c") == "8192"
-    assert "0" != flag_value(argv, "-c")
 
 
 def test_gpu_host_pins_the_planned_gpu(
@@ -101,7 +100,7 @@ def test_parallel_slots_is_part_of_the_target(
     again = engine.load({"model_path": str(tiny_model), "parallel_slots": 8})
     assert again.status == "loaded"
     assert flag_value(effects.spawned[-1], "--parallel") == "8"
-    with pytest.raises(ValueError, match="parallel_slots: must be in 1..64"):
+    with pytest.raises(ValueError, match=r"parallel_slots: must be in 1\.\.64"):
         engine.load({"model_path": str(tiny_model), "parallel_slots": 65})
 
 
