@@ -50,8 +50,12 @@ HOST_RAM: Final = -1  # the device index of host RAM on a CPU-only host
 
 
 def device_budget(total: int, free: int, fit_fraction: float) -> int:
-    reserve = max((1.0 - fit_fraction) * total, min(RESERVE_CAP_BYTES, RESERVE_FRACTION * total))
-    return max(int(free - reserve), 0)
+    reserve = (1.0 - fit_fraction) * total
+    floor = RESERVE_FRACTION * total
+    if floor > RESERVE_CAP_BYTES:
+        floor = RESERVE_CAP_BYTES
+    budget = int(free - (reserve if reserve > floor else floor))
+    return budget if budget > 0 else 0
 
 
 def _gib(n: int) -> str:
@@ -91,8 +95,14 @@ def plan_launch(
         capacity.append(running - EXTRA_DEVICE_BYTES * (k - 1))
     best = max(capacity)
 
+    needs: dict[tuple[int, int], int] = {}  # the search asks for the same sizes again
+
     def need(context: int, slots: int) -> int:
-        return weights + kv_cache_bytes(model, context, cache, slots) + RUNTIME_OVERHEAD_BYTES
+        key = (context, slots)
+        if key not in needs:
+            kv = kv_cache_bytes(model, context, cache, slots)
+            needs[key] = weights + kv + RUNTIME_OVERHEAD_BYTES
+        return needs[key]
 
     def fewest(context: int, slots: int) -> int | None:
         wanted = need(context, slots)
@@ -105,6 +115,8 @@ def plan_launch(
         low, high = -(-floor // ALIGN), native // ALIGN  # candidate multiples of ALIGN
         if high < low or need(low * ALIGN, slots) > best:
             return floor
+        if need(high * ALIGN, slots) <= best:
+            return high * ALIGN  # the whole native context fits: the common case
         while low < high:  # KV grows with the context: the largest fitting multiple
             middle = (low + high + 1) // 2
             if need(middle * ALIGN, slots) <= best:
@@ -187,7 +199,7 @@ def plan_launch(
             for index, budget in budgets
         ),
         weights_bytes=weights,
-        kv_cache_bytes=kv_cache_bytes(model, context, cache, slots),
+        kv_cache_bytes=need(context, slots) - weights - RUNTIME_OVERHEAD_BYTES,
         need_bytes=wanted,
         reason="; ".join(notes),
     )
