@@ -18,7 +18,7 @@ import pytest
 
 from engine.adapters.binary import locate_server
 from engine.adapters.gguf_header import read_header
-from engine.cli.tiny_model import NATIVE_CTX
+from engine.cli.tiny_model import NATIVE_CTX, write_tiny_model
 from engine.core import events as ev
 from engine.orchestrator import Engine
 from engine.replay import replay_state
@@ -108,6 +108,22 @@ def test_an_unknown_architecture_is_refused_before_teardown(
         refused.error or ""
     )
     assert real_engine.status().pid == first.pid
+
+
+def test_an_embedding_model_is_served_with_embedding(real_engine: Engine, tmp_path: Path) -> None:
+    model = write_tiny_model(tmp_path / "tiny-embed.gguf", pooling_type=1)  # mean pooling
+    result = real_engine.load({"model_path": str(model)})
+    assert result.status == "loaded", result
+    argv = real_engine.state.serving.argv  # type: ignore[union-attr]
+    assert "--embedding" in argv and "--jinja" not in argv
+    assert real_engine.status().kind == "embedding"
+    answer = httpx.post(
+        f"http://127.0.0.1:{result.port}/embedding",
+        json={"content": "hello"},
+        trust_env=False,
+        timeout=10,
+    )
+    assert answer.status_code == 200 and len(answer.json()[0]["embedding"][0]) == 64
 
 
 def test_header_facts_for_sliding_window_recurrent_and_embedding_models(tmp_path: Path) -> None:
