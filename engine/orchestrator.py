@@ -279,6 +279,7 @@ class Engine:
                         "cache_type_kv",
                         "speculative_type",
                         "chat_template_override",
+                        "parallel_slots",
                     }
                 )
                 if spec

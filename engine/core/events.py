@@ -214,10 +214,10 @@ class LaunchPlanned(BaseEvent):
     """The pure planner's inputs and its decision, between admission and spawn."""
 
     type: Literal["launch_planned"] = "launch_planned"
-    inventory: Inventory
+    plan: LaunchPlan  # first: the decision leads in timelines, its inputs follow
     request: PlanRequest
     policy: PlanPolicy
-    plan: LaunchPlan
+    inventory: Inventory
 
 
 class ServerProps(_Record):

@@ -162,7 +162,8 @@ def plan_launch(
             f"(need {_gib(wanted)} of {_gib(sum(b for _, b in ranked[:k]))} budget)"
         )
         if slots != slot_choices[0]:
-            notes.append(f"{slots} slots instead of {slot_choices[0]} to stay on the GPU")
+            where = "on the GPU" if gpu_host else "in RAM"
+            notes.append(f"{slots} slots instead of {slot_choices[0]} to fit fully {where}")
     else:
         slots = slot_choices[0]
         context = request.context if request.context is not None else floor

@@ -158,6 +158,7 @@ def _settings(spec: ev.LoadSpec) -> dict[str, Any]:
             "speculative_type",
             "chat_template_override",
             "force",
+            "parallel_slots",
         }
     )
     template = data.get("chat_template_override")
