@@ -35,7 +35,6 @@ from engine.core.decide import (
     Kill,
     Load,
     Plan,
-    ReadProps,
     Resolve,
     Settle,
     Spawn,
@@ -430,10 +429,8 @@ class Engine:
     def _drive(self, token: CancelToken | None) -> None:
         """Run steps until the pure core says there is nothing left to do."""
         while (step := next_step(self._state, self.effects.now())) is not None:
-            # Checkpoint before every effect; past health a load commits (reading /props is
-            # part of committing it, not a new phase a cancel could interrupt).
-            if token is not None and not isinstance(step, Emit | ReadProps):
-                token.check()
+            if token is not None and not isinstance(step, Emit):
+                token.check()  # checkpoint before every effect
             self._run(step, token or CancelToken())
 
     def _run(self, step: Step, token: CancelToken) -> None:
@@ -450,8 +447,6 @@ class Engine:
                 steps.plan(self)
             case Spawn():
                 steps.spawn(self, token)
-            case ReadProps():
-                steps.read_props(self)
             case AwaitHealth():
                 steps.await_health(self, token)
             case Emit(events=events):

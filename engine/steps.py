@@ -147,16 +147,6 @@ def plan(engine: Slot) -> None:
     )
 
 
-def read_props(engine: Slot) -> None:
-    """What the healthy server actually got: the context the user gets is its n_ctx."""
-    state = engine.state
-    assert state.pending is not None and state.process is not None
-    props = engine.effects.server_props(state.process.port)
-    engine.emit(
-        ev.ServerPropsRead(at=engine.effects.now(), load_id=state.pending.load_id, props=props)
-    )
-
-
 def kill(engine: Slot, reason: ev.KillReason) -> None:
     process = engine.state.process
     assert process is not None
@@ -284,12 +274,13 @@ def await_health(engine: Slot, token: CancelToken) -> None:
         )
         raise StepFailed(str(exc), tail) from exc
     if exited is None:
+        waited = round(effects.monotonic() - start, 6)
+        # What the healthy server actually got (the context the user gets is its n_ctx),
+        # journaled in the same append as the health pass.
+        props = effects.server_props(process.port)
         engine.emit(
-            ev.HealthPassed(
-                at=effects.now(),
-                load_id=pending.load_id,
-                waited_s=round(effects.monotonic() - start, 6),
-            )
+            ev.HealthPassed(at=effects.now(), load_id=pending.load_id, waited_s=waited),
+            ev.ServerPropsRead(at=effects.now(), load_id=pending.load_id, props=props),
         )
         return
     tail = effects.log_tail(process.log_path)

@@ -180,22 +180,34 @@ def _version(path: str, size: int, mtime_ns: int, env: tuple[tuple[str, str], ..
 def lists_architecture(binary: ServerBinary, architecture: str) -> bool | None:
     """Whether the build's libllama names `architecture` (its LLM_ARCH_NAMES table holds each
     name as a C string). None when no libllama can be read: then we cannot tell."""
-    names = _architecture_blob(binary)
+    files = _libllama(binary.path, binary.library_dirs)
+    try:  # keyed by content identity: a rebuilt library is read again
+        stamp = tuple((f, os.stat(f).st_mtime_ns) for f in files)
+    except OSError:
+        return None
+    return _names_architecture(stamp, architecture)
+
+
+@functools.lru_cache(maxsize=8)
+def _libllama(path: Path, library_dirs: tuple[Path, ...]) -> tuple[str, ...]:
+    """The libllama files the binary loads (the binary itself for a static build)."""
+    folders = (*library_dirs, path.parent)
+    files = sorted({p.resolve() for d in folders for p in d.glob("libllama.so*")}) or [path]
+    return tuple(str(f) for f in files)
+
+
+@functools.lru_cache(maxsize=64)
+def _names_architecture(files: tuple[tuple[str, int], ...], architecture: str) -> bool | None:
+    names = _read_names(files)
     if names is None:
         return None
     return architecture.encode() + b"\0" in names
 
 
-def _architecture_blob(binary: ServerBinary) -> bytes | None:
-    folders = (*binary.library_dirs, binary.path.parent)
-    files = sorted({p.resolve() for d in folders for p in d.glob("libllama.so*")}) or [binary.path]
-    return _read_names(tuple(str(f) for f in files))
-
-
-@functools.lru_cache(maxsize=4)
-def _read_names(files: tuple[str, ...]) -> bytes | None:
+@functools.lru_cache(maxsize=2)
+def _read_names(files: tuple[tuple[str, int], ...]) -> bytes | None:
     blobs = []
-    for file in files:
+    for file, _ in files:
         try:
             blobs.append(Path(file).read_bytes())
         except OSError:

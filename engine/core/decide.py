@@ -116,18 +116,14 @@ class Plan:
 
 
 @dataclass(frozen=True, slots=True)
-class ReadProps:
-    """Ask the healthy server what it got (`GET /props`)."""
-
-
-@dataclass(frozen=True, slots=True)
 class Spawn:
     """Start llama-server for the pending load."""
 
 
 @dataclass(frozen=True, slots=True)
 class AwaitHealth:
-    """Poll /health until 200, the process exits, the deadline passes or the load is cancelled."""
+    """Poll /health until 200 (then read /props), the process exits, the deadline passes or
+    the load is cancelled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +133,7 @@ class Emit:
     events: tuple[ev.Event, ...]
 
 
-Step = Resolve | Admit | Kill | Settle | Plan | Spawn | AwaitHealth | ReadProps | Emit
+Step = Resolve | Admit | Kill | Settle | Plan | Spawn | AwaitHealth | Emit
 
 
 def next_step(state: SlotState, at: float) -> Step | None:
@@ -161,8 +157,6 @@ def next_step(state: SlotState, at: float) -> Step | None:
             return Plan() if pending.plan is None else Spawn()
         case "warming":
             assert pending is not None
-            if pending.health_passed and not pending.props_read:
-                return ReadProps()
             if pending.health_passed:
                 return Emit((ev.LoadSucceeded(at=at, load_id=pending.load_id),))
             return AwaitHealth()

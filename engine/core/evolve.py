@@ -104,7 +104,7 @@ def _health_passed(state: SlotState, e: ev.HealthPassed) -> Changes:
 def _server_props_read(state: SlotState, e: ev.ServerPropsRead) -> Changes:
     pending = _pending(state)
     launch = replace(pending.launch, props=e.props) if pending.launch is not None else None
-    return dict(pending=replace(pending, props_read=True, launch=launch))
+    return dict(pending=replace(pending, launch=launch))
 
 
 @_on(ev.HealthFailed)

@@ -49,7 +49,6 @@ class PendingLoad:
     plan: LaunchPlan | None = None  # set at launch_planned
     launch: LoadedModel | None = None  # set at spawn_started: what the new server gets
     health_passed: bool = False
-    props_read: bool = False
     error: str | None = None
 
 
