@@ -294,12 +294,11 @@ def test_plan_properties(
             assert device.planned_bytes <= device.budget_bytes
         assert sum(d.planned_bytes for d in plan.devices) == plan.need_bytes
         chosen = plan.gpus if inventory.gpus else (-1,)
-        # Minimal: the top-ranked set one device smaller cannot hold it.
+        # Minimal: no smaller set holds it (the top-ranked set of a size is the roomiest).
         ranked = sorted(budgets.values(), reverse=True)
-        smaller = len(chosen) - 1
-        if smaller >= 1:
-            base = plan.need_bytes - EXTRA_DEVICE_BYTES * smaller
-            assert base + EXTRA_DEVICE_BYTES * (smaller - 1) > sum(ranked[:smaller])
+        alone = plan.need_bytes - EXTRA_DEVICE_BYTES * (len(chosen) - 1)
+        for smaller in range(1, len(chosen)):
+            assert alone + EXTRA_DEVICE_BYTES * (smaller - 1) > sum(ranked[:smaller])
         # Auto-fit: the next aligned step up would not have fit on any device set.
         if request.context is None and plan.context + ALIGN <= native:
             bigger = need_of(model, plan.context + ALIGN, request, plan.parallel_slots)
