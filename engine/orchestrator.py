@@ -34,7 +34,6 @@ from engine.core.decide import (
     Emit,
     Kill,
     Load,
-    Plan,
     Resolve,
     Settle,
     Spawn,
@@ -443,8 +442,6 @@ class Engine:
                 steps.kill(self, reason)
             case Settle():
                 steps.settle(self, token)
-            case Plan():
-                steps.plan(self)
             case Spawn():
                 steps.spawn(self, token)
             case AwaitHealth():

@@ -115,7 +115,7 @@ def admit(engine: Slot) -> None:
     )
 
 
-def plan(engine: Slot) -> None:
+def plan(engine: Slot) -> ev.LaunchPlanned:
     """Plan the launch from what the host has now, after the previous server settled."""
     state = engine.state
     pending = state.pending
@@ -135,15 +135,13 @@ def plan(engine: Slot) -> None:
         supports_fit=capabilities.supports("--fit"),
     )
     inventory = effects.inventory()
-    engine.emit(
-        ev.LaunchPlanned(
-            at=effects.now(),
-            load_id=pending.load_id,
-            inventory=inventory,
-            request=request,
-            policy=policy,
-            plan=plan_launch(pending.model, inventory, request, policy),
-        )
+    return ev.LaunchPlanned(
+        at=effects.now(),
+        load_id=pending.load_id,
+        inventory=inventory,
+        request=request,
+        policy=policy,
+        plan=plan_launch(pending.model, inventory, request, policy),
     )
 
 
@@ -214,7 +212,8 @@ def spawn(engine: Slot, token: CancelToken) -> None:
     extra_args = launch_extra_args(state)
     port = effects.free_port()
     template = pending.spec.chat_template_override
-    plan = pending.plan
+    planned = plan(engine)
+    launch = planned.plan
     argv = build_argv(
         effects.binary,
         pending.model,
@@ -223,14 +222,15 @@ def spawn(engine: Slot, token: CancelToken) -> None:
         port=port,
         threads=engine.settings.threads,
         template_file=effects.template_file(template) if template is not None else None,
-        plan=plan,
+        plan=launch,
     )
     # Pin the planned GPUs; a CPU-only plan leaves the environment alone.
-    visible = ",".join(map(str, plan.gpus)) if plan is not None and plan.gpus else None
+    visible = ",".join(map(str, launch.gpus)) if launch.gpus else None
     marker = make_marker(engine.journal_id, engine.slot, pending.load_id)
     log_path = effects.log_path(pending.load_id)
     token.check()
     engine.emit(
+        planned,  # the plan and the spawn intent: one append, before Popen
         ev.SpawnStarted(
             at=effects.now(),
             load_id=pending.load_id,
@@ -242,7 +242,7 @@ def spawn(engine: Slot, token: CancelToken) -> None:
             extra_args_source=pending.model.source,
             binary=effects.binary_identity(),
             cuda_visible_devices=visible,
-        )
+        ),
     )
     env = {"CUDA_VISIBLE_DEVICES": visible} if visible is not None else None
     pid, create_time = effects.spawn(argv, marker, log_path, env=env)

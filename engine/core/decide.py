@@ -111,13 +111,8 @@ class Settle:
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
-    """Take the inventory and plan the launch (context, GPUs, offload, slots)."""
-
-
-@dataclass(frozen=True, slots=True)
 class Spawn:
-    """Start llama-server for the pending load."""
+    """Plan the launch (context, GPUs, offload, slots) and start llama-server for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +128,7 @@ class Emit:
     events: tuple[ev.Event, ...]
 
 
-Step = Resolve | Admit | Kill | Settle | Plan | Spawn | AwaitHealth | Emit
+Step = Resolve | Admit | Kill | Settle | Spawn | AwaitHealth | Emit
 
 
 def next_step(state: SlotState, at: float) -> Step | None:
@@ -152,9 +147,7 @@ def next_step(state: SlotState, at: float) -> Step | None:
             return Kill("replace") if state.process is not None else Settle()
         case "settling":
             assert pending is not None
-            if not pending.settled:
-                return Settle()
-            return Plan() if pending.plan is None else Spawn()
+            return Spawn() if pending.settled else Settle()
         case "warming":
             assert pending is not None
             if pending.health_passed:
