@@ -125,10 +125,9 @@ def plan_launch(
                 high = middle - 1
         return low * ALIGN
 
-    unified_default = policy.supports_kv_unified and request.parallel_slots is None
     if request.parallel_slots is not None:
         slot_choices = [request.parallel_slots]
-    elif unified_default:
+    elif policy.supports_kv_unified:
         slot_choices = [UNIFIED_DEFAULT_SLOTS, 2, 1]  # halved only while that fits
     else:
         slot_choices = [1]
