@@ -7,7 +7,7 @@ implements it in memory. The orchestrator never touches the world except through
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -15,7 +15,7 @@ from pydantic import SecretStr
 
 from engine.core.admission import MemoryBudget
 from engine.core.capabilities import ServerCapabilities
-from engine.core.events import LoadSpec, ResolvedModel
+from engine.core.events import BinaryIdentity, Inventory, LoadSpec, ResolvedModel, ServerProps
 from engine.core.eviction import MemoryUse
 from engine.core.state import ServerProcess
 
@@ -139,7 +139,16 @@ class Effects(Protocol):
         """The key of `load_id`'s server (memory; after a restart, its 0600 file)."""
         ...
 
-    def spawn(self, argv: Sequence[str], marker: str, log_path: str) -> tuple[int, float]: ...
+    def spawn(
+        self,
+        argv: Sequence[str],
+        marker: str,
+        log_path: str,
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> tuple[int, float]:
+        """Start the server; `env` is added to the child's environment (GPU pinning)."""
+        ...
 
     def owns_port(self, pid: int, port: int) -> bool:
         """Whether the socket listening on `port` belongs to `pid` (not to another user's)."""
@@ -186,4 +195,22 @@ class Effects(Protocol):
 
     def marked_processes(self, journal_id: str) -> list[tuple[int, float, str]]:
         """(pid, create_time, marker) of live processes carrying this journal's marker."""
+        ...
+
+    # --- launch planning ---------------------------------------------------------------------
+
+    def inventory(self) -> Inventory:
+        """GPUs (index, uuid, total, free) and host RAM (cgroup-aware) right now."""
+        ...
+
+    def server_props(self, process: ServerProcess) -> ServerProps:
+        """`GET /props` of a healthy server; an unreadable answer is reported in `error`."""
+        ...
+
+    def binary_identity(self) -> BinaryIdentity:
+        """The llama-server a spawn would run now: path, size, mtime and version."""
+        ...
+
+    def lists_architecture(self, architecture: str) -> bool | None:
+        """Whether this llama-server build knows `architecture` (None: cannot tell)."""
         ...

@@ -55,7 +55,7 @@ from engine.core.request import LoadRequest, LoadResult, Status, as_request, to_
 from engine.core.rules import InvalidRequest, same_target
 from engine.core.scrub import scrub, scrub_optional
 from engine.core.snapshot import encode as encode_snapshot
-from engine.core.state import SlotState
+from engine.core.state import LoadedModel, SlotState
 from engine.effects import Cancelled, CancelToken, DownloadProgress, Effects
 from engine.recovery import recover
 from engine.replay import SNAPSHOT_EVERY, open_state
@@ -111,9 +111,12 @@ class Engine:
         memory_limit: int | None = None,
         snapshot_every: int = SNAPSHOT_EVERY,
         allow_flags: frozenset[str] | set[str] | tuple[str, ...] = frozenset(),
+        fit_fraction: float = 0.97,
     ) -> None:
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0 (0 = off), not {snapshot_every!r}")
+        if not 0.80 <= fit_fraction <= 1.00:
+            raise ValueError(f"fit_fraction must be in 0.80..1.00, not {fit_fraction!r}")
         self.slot = slot
         self.journal = journal
         self.journal_id = journal_id(journal)
@@ -128,6 +131,7 @@ class Engine:
             threads=threads,
             memory_limit=memory_limit,
             allow_flags=self.allow_flags,
+            fit_fraction=fit_fraction,
         )
         self._snapshot_every = snapshot_every
         self._lease: Lease | None = None  # set by open(): this engine's claim on the slot
@@ -321,6 +325,7 @@ class Engine:
                         "cache_type_kv",
                         "speculative_type",
                         "chat_template_override",
+                        "parallel_slots",
                     }
                 )
                 if spec
@@ -341,6 +346,7 @@ class Engine:
                 else f"http://127.0.0.1:{process.port}"
             ),
             socket_path=socket_path,
+            **launch_status(served),
         )
 
     def load(self, request: LoadRequest | dict[str, Any]) -> LoadResult:
@@ -497,7 +503,9 @@ class Engine:
             return LoadResult(
                 "cancelled", flight.load_id, self._state.state, error=flight.token.reason
             )
-        command = Load(flight.load_id, flight.spec, self.effects.now())
+        command = Load(
+            flight.load_id, flight.spec, self.effects.now(), self.effects.binary_identity()
+        )
         events = decide(command, self._state)
         self._emit_all(events)
         if isinstance(events[0], ev.LoadShortCircuited):
@@ -651,6 +659,31 @@ class Engine:
         """Reconcile the replayed state with the real process table (see engine.recovery)."""
         with self._serial:
             recover(self)
+
+
+def launch_status(served: LoadedModel | None) -> dict[str, Any]:
+    """Status fields of the launch: the server's own figures (/props) over the plan's."""
+    if served is None:
+        return {}
+    plan, props = served.plan, served.props
+    kind = served.model.kind
+    return dict(
+        context_length=props.n_ctx if props is not None else None,
+        max_context_length=plan.max_context if plan is not None else None,
+        native_context_length=(
+            plan.native_context if plan is not None else served.model.native_ctx
+        ),
+        parallel_slots=(
+            props.total_slots
+            if props is not None and props.total_slots is not None
+            else plan.parallel_slots
+            if plan is not None
+            else None
+        ),
+        gpus=plan.gpus if plan is not None else (),
+        offload=plan.offload if plan is not None else None,
+        kind=kind,
+    )
 
 
 def _fields(result: LoadResult) -> dict[str, Any]:

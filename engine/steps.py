@@ -24,6 +24,7 @@ from engine.core import admission
 from engine.core import events as ev
 from engine.core.cmdline import build_argv
 from engine.core.errors import EngineError, StepFailed
+from engine.core.plan import plan_launch, unservable
 from engine.core.policy import check_extra_args
 from engine.core.rules import effective_extra_args
 from engine.core.state import SlotState
@@ -44,6 +45,7 @@ class SlotSettings:
     threads: int | None
     memory_limit: int | None  # bytes this slot may use at most (None = the host's)
     allow_flags: frozenset[str] = frozenset()  # policy exceptions (canonical names)
+    fit_fraction: float = 0.97  # share of each GPU the launch planner may fill (0.80-1.00)
 
 
 class AdmissionGate(Protocol):
@@ -102,6 +104,11 @@ def resolve(engine: Slot, token: CancelToken) -> None:
         listener=DownloadRecorder(engine, pending.load_id),
     )
     engine.emit(ev.ModelResolved(at=engine.effects.now(), load_id=pending.load_id, model=model))
+    # Refused here, before admission and the kill: the running server keeps serving.
+    known = engine.effects.lists_architecture(model.architecture) if model.architecture else None
+    refusal = unservable(model, known)
+    if refusal is not None:
+        raise StepFailed(refusal)
 
 
 def admit(engine: Slot, token: CancelToken | None = None) -> None:
@@ -148,6 +155,36 @@ def admit(engine: Slot, token: CancelToken | None = None) -> None:
             verdict=verdict,
             error=error,
         )
+    )
+
+
+def plan(engine: Slot) -> ev.LaunchPlanned:
+    """Plan the launch from what the host has now, after the previous server settled."""
+    state = engine.state
+    pending = state.pending
+    assert pending is not None and pending.model is not None
+    effects = engine.effects
+    capabilities = effects.capabilities()
+    request = ev.PlanRequest(
+        context=admission.explicit_context(
+            pending.spec, launch_extra_args(state), pending.model.native_ctx
+        ),
+        parallel_slots=pending.spec.parallel_slots,
+        cache_type_kv=pending.spec.cache_type_kv,
+    )
+    policy = ev.PlanPolicy(
+        fit_fraction=engine.settings.fit_fraction,
+        supports_kv_unified=capabilities.supports("--kv-unified"),
+        supports_fit=capabilities.supports("--fit"),
+    )
+    inventory = effects.inventory()
+    return ev.LaunchPlanned(
+        at=effects.now(),
+        load_id=pending.load_id,
+        inventory=inventory,
+        request=request,
+        policy=policy,
+        plan=plan_launch(pending.model, inventory, request, policy),
     )
 
 
@@ -219,6 +256,8 @@ def spawn(engine: Slot, token: CancelToken) -> None:
     socket_path = effects.socket_path(pending.load_id)
     port = 0 if socket_path is not None else effects.free_port()
     template = pending.spec.chat_template_override
+    planned = plan(engine)
+    launch = planned.plan
     argv = build_argv(
         effects.binary,
         pending.model,
@@ -229,11 +268,15 @@ def spawn(engine: Slot, token: CancelToken) -> None:
         template_file=effects.template_file(template) if template is not None else None,
         api_key_file=effects.api_key_file(pending.load_id),
         host=socket_path or "127.0.0.1",
+        plan=launch,
     )
+    # Pin the planned GPUs; a CPU-only plan leaves the environment alone.
+    visible = ",".join(map(str, launch.gpus)) if launch.gpus else None
     marker = make_marker(engine.journal_id, engine.slot, pending.load_id)
     log_path = effects.log_path(pending.load_id)
     token.check()
     engine.emit(
+        planned,  # the plan and the spawn intent: one append, before Popen
         ev.SpawnStarted(
             at=effects.now(),
             load_id=pending.load_id,
@@ -244,9 +287,12 @@ def spawn(engine: Slot, token: CancelToken) -> None:
             extra_args=extra_args,
             extra_args_source=pending.model.source,
             socket_path=socket_path,
-        )
+            binary=effects.binary_identity(),
+            cuda_visible_devices=visible,
+        ),
     )
-    pid, create_time = effects.spawn(argv, marker, log_path)
+    env = {"CUDA_VISIBLE_DEVICES": visible} if visible is not None else None
+    pid, create_time = effects.spawn(argv, marker, log_path, env=env)
     engine.emit(
         ev.Spawned(at=effects.now(), load_id=pending.load_id, pid=pid, create_time=create_time)
     )
@@ -281,12 +327,13 @@ def await_health(engine: Slot, token: CancelToken) -> None:
         retry_spawn(engine, exited)
         return
     if exited is None:
+        waited = round(effects.monotonic() - start, 6)
+        # What the healthy server actually got (the context the user gets is its n_ctx),
+        # journaled in the same append as the health pass.
+        props = effects.server_props(process)
         engine.emit(
-            ev.HealthPassed(
-                at=effects.now(),
-                load_id=pending.load_id,
-                waited_s=round(effects.monotonic() - start, 6),
-            )
+            ev.HealthPassed(at=effects.now(), load_id=pending.load_id, waited_s=waited),
+            ev.ServerPropsRead(at=effects.now(), load_id=pending.load_id, props=props),
         )
         return
     tail = effects.log_tail(process.log_path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -10,7 +10,14 @@ from pydantic import SecretStr
 from engine.core.admission import MemoryBudget
 from engine.core.capabilities import ServerCapabilities, parse_help
 from engine.core.errors import StepFailed
-from engine.core.events import LoadSpec, ResolvedModel
+from engine.core.events import (
+    BinaryIdentity,
+    GpuInfo,
+    Inventory,
+    LoadSpec,
+    ResolvedModel,
+    ServerProps,
+)
 from engine.core.eviction import MemoryUse
 from engine.core.state import ServerProcess
 from engine.effects import CancelToken, DownloadListener, Exited, Health
@@ -28,7 +35,8 @@ def fixture_capabilities() -> ServerCapabilities:
 
 class FakeEffects:
     """Model files whose name contains `broken` fail to resolve; `crashy` servers exit
-    before they are healthy; everything else becomes healthy on the first poll."""
+    before they are healthy; `mmproj` files are projectors, `embed` files embedding models;
+    everything else becomes healthy on the first poll."""
 
     binary = "/opt/fake/llama-server"
 
@@ -48,6 +56,12 @@ class FakeEffects:
         self.keys: dict[str, str] = {}
         self.retired: list[tuple[str, bool, str | None]] = []
         self.foreign_ports: set[int] = set()  # another user's listener answers /health there
+        self.gpu_total_mib = 24_576
+        self.help_text: str | None = None  # None: the real binary's flags (the fixture)
+        self.binary_id = BinaryIdentity(path=self.binary, size_bytes=1, mtime_ns=1, version="1")
+        self.known_architectures: set[str] | None = None  # None: cannot tell
+        self.spawn_env: list[Mapping[str, str] | None] = []
+        self.model_facts: dict[str, dict[str, object]] = {}  # file -> ResolvedModel fields
 
     def now(self) -> float:
         self.clock += 0.001
@@ -57,7 +71,7 @@ class FakeEffects:
         return self.now()
 
     def capabilities(self) -> ServerCapabilities:
-        return fixture_capabilities()
+        return parse_help(self.help_text) if self.help_text is not None else fixture_capabilities()
 
     def resolve(
         self,
@@ -70,7 +84,17 @@ class FakeEffects:
         cancel.check()
         if "broken" in spec.model:
             raise StepFailed(f"{spec.model} is not a readable GGUF file")
-        return ResolvedModel(source=f"file:{spec.model}", model_file=spec.model)
+        facts: dict[str, object] = {"native_ctx": 8192, "architecture": "llama"}
+        if "mmproj" in Path(spec.model).name:
+            facts.update(architecture="clip", kind="projector")
+        if "embed" in Path(spec.model).name:
+            facts.update(kind="embedding")
+        facts.update(self.model_facts.get(spec.model, {}))
+        return ResolvedModel(
+            source=f"file:{spec.model}",
+            model_file=spec.model,
+            **facts,  # type: ignore[arg-type]
+        )
 
     def free_port(self) -> int:
         self.next_port += 1
@@ -93,7 +117,15 @@ class FakeEffects:
     def owns_port(self, pid: int, port: int) -> bool:
         return port not in self.foreign_ports
 
-    def spawn(self, argv: Sequence[str], marker: str, log_path: str) -> tuple[int, float]:
+    def spawn(
+        self,
+        argv: Sequence[str],
+        marker: str,
+        log_path: str,
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> tuple[int, float]:
+        self.spawn_env.append(env)
         self.next_pid += 1
         pid = self.next_pid
         self.alive[pid] = True
@@ -148,6 +180,49 @@ class FakeEffects:
     def marked_processes(self, journal_id: str) -> list[tuple[int, float, str]]:
         return []
 
+    def inventory(self) -> Inventory:
+        mib = 1024 * 1024
+        return Inventory(
+            gpus=tuple(
+                GpuInfo(
+                    index=i,
+                    uuid=f"GPU-{i}",
+                    total_bytes=self.gpu_total_mib * mib,
+                    free_bytes=free * mib,
+                )
+                for i, free in self.gpus
+            ),
+            ram_total_bytes=self.available_ram,
+            ram_available_bytes=self.available_ram,
+        )
+
+    def server_props(self, process: ServerProcess) -> ServerProps:
+        """What a real server reports: the -c and --parallel it was started with."""
+        port = process.port
+        argv = next(a for a in reversed(self.spawned) if a[a.index("--port") + 1] == str(port))
+
+        def value(*names: str) -> int | None:
+            found = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] in names]
+            return int(found[-1]) if found else None
+
+        return ServerProps(
+            n_ctx=value("-c", "--ctx-size") or 8192,
+            total_slots=value("--parallel"),
+            model_alias=argv[argv.index("-m") + 1],
+            build_info="fake",
+        )
+
+    def binary_identity(self) -> BinaryIdentity:
+        return self.binary_id
+
+    def lists_architecture(self, architecture: str) -> bool | None:
+        if self.known_architectures is None:
+            return None
+        return architecture in self.known_architectures
+
     def die(self, pid: int) -> None:
         """The server exits on its own (OOM killer, segfault)."""
         self.alive[pid] = False
+
+
+# The lines of `llama-server --help` the planner asks about (the real text has ~250 flags).

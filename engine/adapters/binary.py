@@ -8,6 +8,7 @@ check the binary runs at `Engine.open`, not at the first load.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -16,6 +17,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from engine.core.events import BinaryIdentity
 
 ENV_VAR = "LLAMA_SERVER_PATH"
 
@@ -138,3 +141,76 @@ def check_binary(path: Path) -> ServerBinary:
         (line for line in output.splitlines() if line.startswith("version")), output[:80]
     )
     return ServerBinary(path=path, library_dirs=library_dirs, version=version, env=env)
+
+
+def binary_identity(binary: ServerBinary) -> BinaryIdentity:
+    """What a spawn would run now: a rebuilt or replaced llama-server is a different target."""
+    try:
+        stat = binary.path.stat()
+    except OSError:
+        return BinaryIdentity(path=str(binary.path), size_bytes=0, mtime_ns=0)
+    return BinaryIdentity(
+        path=str(binary.path),
+        size_bytes=stat.st_size,
+        mtime_ns=stat.st_mtime_ns,
+        version=_version(
+            str(binary.path), stat.st_size, stat.st_mtime_ns, tuple(sorted(binary.env.items()))
+        ),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _version(path: str, size: int, mtime_ns: int, env: tuple[tuple[str, str], ...]) -> str:
+    """`--version` of one file content (path, size, mtime): run once per identity."""
+    try:
+        done = subprocess.run(
+            [path, "--version"],
+            env={**os.environ, **dict(env)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    output = (done.stdout + done.stderr).strip()
+    return next((line for line in output.splitlines() if line.startswith("version")), "")
+
+
+def lists_architecture(binary: ServerBinary, architecture: str) -> bool | None:
+    """Whether the build's libllama names `architecture` (its LLM_ARCH_NAMES table holds each
+    name as a C string). None when no libllama can be read: then we cannot tell."""
+    files = _libllama(binary.path, binary.library_dirs)
+    try:  # keyed by content identity: a rebuilt library is read again
+        stamp = tuple((f, os.stat(f).st_mtime_ns) for f in files)
+    except OSError:
+        return None
+    return _names_architecture(stamp, architecture)
+
+
+@functools.lru_cache(maxsize=8)
+def _libllama(path: Path, library_dirs: tuple[Path, ...]) -> tuple[str, ...]:
+    """The libllama files the binary loads (the binary itself for a static build)."""
+    folders = (*library_dirs, path.parent)
+    files = sorted({p.resolve() for d in folders for p in d.glob("libllama.so*")}) or [path]
+    return tuple(str(f) for f in files)
+
+
+@functools.lru_cache(maxsize=64)
+def _names_architecture(files: tuple[tuple[str, int], ...], architecture: str) -> bool | None:
+    names = _read_names(files)
+    if names is None:
+        return None
+    return architecture.encode() + b"\0" in names
+
+
+@functools.lru_cache(maxsize=2)
+def _read_names(files: tuple[tuple[str, int], ...]) -> bytes | None:
+    blobs = []
+    for file, _ in files:
+        try:
+            blobs.append(Path(file).read_bytes())
+        except OSError:
+            continue
+    blob = b"\0".join(blobs)
+    return blob if b"\0llama\0" in blob else None  # no architecture table: a build we can't read

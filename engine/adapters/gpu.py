@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.core.events import SettleKind
+from engine.core.events import GpuInfo, SettleKind
 
 Sample = list[tuple[int, int]]  # (gpu index, free MiB)
 Probe = Callable[[], Sample]
@@ -196,6 +196,24 @@ class NvmlProbe:
             if self._handles is None:
                 self._handles = self._init()
             return self._handles
+
+    def inventory(self) -> list[GpuInfo]:
+        """Index, UUID, total and free bytes of each visible GPU (empty: CPU-only host)."""
+        import pynvml
+
+        gpus = []
+        for index, handle in self._visible_gpus():
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
+            gpus.append(
+                GpuInfo(
+                    index=index,
+                    uuid=uuid,
+                    total_bytes=int(memory.total),
+                    free_bytes=int(memory.free),
+                )
+            )
+        return gpus
 
     def gpu_count(self) -> int:
         """GPUs visible to this process (0 on a CPU-only host)."""

@@ -6,7 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
+from pydantic import SecretStr
 
+from engine.core.events import ServerProps
 from engine.core.request import Status
 from engine.effects import CancelToken, Exited, Health
 
@@ -48,6 +50,32 @@ class HealthClient:
                 transport=http_transport(socket_path), timeout=self._timeout, trust_env=False
             )
         return client
+
+    def props(
+        self, port: int, socket_path: str | None = None, api_key: SecretStr | None = None
+    ) -> ServerProps:
+        """The server's own account of what it got: context per slot, slots, alias, build."""
+        headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"} if api_key else {}
+        try:
+            if socket_path is None:
+                response = self._client.get(f"http://127.0.0.1:{port}/props", headers=headers)
+            else:
+                client = self._unix_client(socket_path)
+                response = client.get("http://localhost/props", headers=headers)
+            response.raise_for_status()
+            data = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            return ServerProps(error=f"GET /props failed: {type(exc).__name__}: {exc}"[:300])
+        if not isinstance(data, dict):
+            return ServerProps(error="GET /props did not answer a JSON object")
+        settings = data.get("default_generation_settings")
+        n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+        return ServerProps(
+            n_ctx=n_ctx if isinstance(n_ctx, int) else None,
+            total_slots=data["total_slots"] if isinstance(data.get("total_slots"), int) else None,
+            model_alias=str(data["model_alias"]) if data.get("model_alias") else None,
+            build_info=str(data["build_info"]) if data.get("build_info") else None,
+        )
 
     def close(self) -> None:
         self._client.close()

@@ -7,6 +7,7 @@ from pathlib import Path
 from engine.adapters.gguf_header import NotAGguf, read_header
 from engine.core.errors import StepFailed
 from engine.core.events import ResolvedModel
+from engine.core.plan import model_kind
 from engine.core.rules import InvalidRequest
 
 
@@ -67,6 +68,13 @@ def describe_model(
         head_count_kv=header.head_count_kv,
         key_length=header.key_length,
         value_length=header.value_length,
+        architecture_type=header.architecture_type,
+        kind=model_kind(header.architecture, header.architecture_type, header.pooling_type),
+        sliding_window=header.sliding_window,
+        swa_layers=header.swa_layers,
+        recurrent_layers=header.recurrent_layers,
+        recurrent_state_bytes=header.recurrent_state_bytes,
+        expert_count=header.expert_count,
     )
 
 

@@ -8,6 +8,8 @@ mmapped weights the page cache keeps anyway) and the VRAM NVML attributes to its
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -58,3 +60,104 @@ def measure_server(vram: NvmlProbe, process: ServerProcess) -> MemoryUse:
     with contextlib.suppress(Exception):  # no driver: a CPU-only server
         by_gpu = vram.used_by_gpu(process.pid)
     return MemoryUse(rss, sum(used for _, used in by_gpu), tuple(by_gpu))
+
+
+# --- host RAM for the launch planner (cgroup-aware) -------------------------------------------
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+_UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a huge page-rounded number
+
+
+@dataclass(frozen=True, slots=True)
+class HostRam:
+    total: int  # the tightest limit that applies to us
+    available: int
+    source: str  # "host", "cgroup v2" or "cgroup v1"
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (v2) means no limit
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def _own_cgroup(proc_cgroup: Path, controller: str | None) -> str:
+    """Our cgroup's path: the v2 line ("0::/x") or the v1 line naming `controller`."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return "/"
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if (controller is None and controllers == "") or (
+            controller is not None and controller in controllers.split(",")
+        ):
+            return path or "/"
+    return "/"
+
+
+def cgroup_memory(
+    root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP
+) -> tuple[int, int, str] | None:
+    """(limit, usage, version) of the tightest memory limit on our cgroup and its ancestors;
+    None when no limit applies. Reclaimable page cache (inactive_file) is not usage."""
+    if (root / "cgroup.controllers").exists():  # v2: one unified hierarchy
+        limit_file, usage_file, stat_key, version = (
+            "memory.max",
+            "memory.current",
+            "inactive_file",
+            "cgroup v2",
+        )
+        base = root
+        own = _own_cgroup(proc_cgroup, None)
+    else:
+        limit_file, usage_file, stat_key, version = (
+            "memory.limit_in_bytes",
+            "memory.usage_in_bytes",
+            "total_inactive_file",
+            "cgroup v1",
+        )
+        base = root / "memory"
+        own = _own_cgroup(proc_cgroup, "memory")
+    folder = base / own.lstrip("/")
+    if not folder.is_dir():  # a cgroup namespace: our cgroup is the mounted root itself
+        folder = base
+    tightest: tuple[int, int] | None = None
+    while True:
+        limit = _read_int(folder / limit_file)
+        if limit is not None and limit < _UNLIMITED:
+            usage = _read_int(folder / usage_file) or 0
+            usage = max(usage - _stat_value(folder / "memory.stat", stat_key), 0)
+            if tightest is None or limit - usage < tightest[0] - tightest[1]:
+                tightest = (limit, usage)
+        if folder == base or base not in folder.parents:
+            break
+        folder = folder.parent
+    return (tightest[0], tightest[1], version) if tightest is not None else None
+
+
+def host_ram(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP) -> HostRam:
+    """Host RAM for planning: psutil's, capped by a cgroup limit when one is tighter."""
+    memory = psutil.virtual_memory()
+    total, available = int(memory.total), int(memory.available)
+    limited = cgroup_memory(root, proc_cgroup)
+    if limited is None:
+        return HostRam(total, available, "host")
+    limit, usage, version = limited
+    if limit >= total:
+        return HostRam(total, available, "host")
+    return HostRam(limit, max(min(available, limit - usage), 0), version)

@@ -61,7 +61,14 @@ class ProcessManager:
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
 
-    def spawn(self, argv: Sequence[str], marker: str, log_path: str) -> tuple[int, float]:
+    def spawn(
+        self,
+        argv: Sequence[str],
+        marker: str,
+        log_path: str,
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> tuple[int, float]:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -70,7 +77,7 @@ class ProcessManager:
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=subprocess.STDOUT,
-                env=child_environment(os.environ, {**self._env, MARKER_ENV: marker}),
+                env=child_environment(os.environ, {**self._env, **(env or {}), MARKER_ENV: marker}),
                 start_new_session=True,
                 close_fds=True,
             )

@@ -16,19 +16,19 @@ from typing import Literal
 from pydantic import SecretStr
 
 from engine.adapters import process as proc
-from engine.adapters.binary import ServerBinary
+from engine.adapters.binary import ServerBinary, binary_identity, lists_architecture
 from engine.adapters.capabilities import append_engine_record, probe_capabilities
 from engine.adapters.gpu import NvmlProbe
 from engine.adapters.health import HealthClient
 from engine.adapters.hub import Hub
 from engine.adapters.journal import Journal
 from engine.adapters.local_models import resolve_local
-from engine.adapters.memory import measure_server, memory_budget
+from engine.adapters.memory import host_ram, measure_server, memory_budget
 from engine.core import events as ev
 from engine.core.admission import MemoryBudget
 from engine.core.capabilities import ServerCapabilities
 from engine.core.errors import StepFailed
-from engine.core.events import LoadSpec, ResolvedModel
+from engine.core.events import BinaryIdentity, Inventory, LoadSpec, ResolvedModel, ServerProps
 from engine.core.eviction import MemoryUse
 from engine.core.retention import LogFile, expired_logs
 from engine.core.scrub import scrub
@@ -51,6 +51,7 @@ class RealEffects:
         slot: str = "default",
     ) -> None:
         self.binary = str(binary.path)
+        self.server = binary
         self.run_dir = run_dir
         private_dir(run_dir)  # logs, keys and templates of every server: 0700
         self.processes = proc.ProcessManager(binary.env, child_env=child_env)
@@ -125,9 +126,16 @@ class RealEffects:
     def owns_port(self, pid: int, port: int) -> bool:
         return proc.listens_on(pid, port)
 
-    def spawn(self, argv: Sequence[str], marker: str, log_path: str) -> tuple[int, float]:
+    def spawn(
+        self,
+        argv: Sequence[str],
+        marker: str,
+        log_path: str,
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> tuple[int, float]:
         try:
-            return self.processes.spawn(argv, marker, log_path)
+            return self.processes.spawn(argv, marker, log_path, env=env)
         except OSError as exc:
             raise StepFailed(f"cannot start {argv[0]}: {exc}") from exc
 
@@ -192,6 +200,28 @@ class RealEffects:
 
     def marked_processes(self, journal_id: str) -> list[tuple[int, float, str]]:
         return self.processes.marked_processes(journal_id + "/")
+
+    def inventory(self) -> Inventory:
+        try:
+            gpus = tuple(self._vram.inventory())
+        except Exception:  # a failing driver counts as no GPU, as in memory_budget
+            gpus = ()
+        ram = host_ram()
+        return Inventory(
+            gpus=gpus,
+            ram_total_bytes=ram.total,
+            ram_available_bytes=ram.available,
+            ram_source=ram.source,
+        )
+
+    def server_props(self, process: ServerProcess) -> ServerProps:
+        return self._health.props(process.port, process.socket_path, self.api_key(process.load_id))
+
+    def binary_identity(self) -> BinaryIdentity:
+        return binary_identity(self.server)
+
+    def lists_architecture(self, architecture: str) -> bool | None:
+        return lists_architecture(self.server, architecture)
 
     def close(self) -> None:
         self._health.close()

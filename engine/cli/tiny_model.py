@@ -40,11 +40,13 @@ def write_tiny_model(
     name: str = "studio-engine tiny llama",
     wrong_shape: bool = False,
     split_max_tensors: int = 0,
+    pooling_type: int | None = None,
 ) -> Path:
     """Write the model to `path` (parents created) and return the path.
 
     `wrong_shape=True` writes a file whose header reads fine but whose attention tensor has
     the wrong shape: llama-server starts, then dies while loading it (a warm-up crash).
+    `pooling_type=1` (mean) makes it an embedding model, as its header says.
     `split_max_tensors=N` writes a split GGUF instead (`<stem>-00001-of-0000K.gguf`, ...,
     N tensors per shard) and returns the first shard.
     """
@@ -64,6 +66,8 @@ def write_tiny_model(
     writer.add_head_count_kv(N_HEAD_KV)
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
+    if pooling_type is not None:
+        writer.add_pooling_type(gguf.PoolingType(pooling_type))
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)

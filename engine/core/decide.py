@@ -23,6 +23,7 @@ class Load:
     load_id: str
     spec: ev.LoadSpec
     at: float
+    binary: ev.BinaryIdentity | None = None  # the llama-server a spawn would run now
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +39,24 @@ class Cancel:
 Command = Load | Unload | Cancel
 
 
-def duplicate_of_serving(spec: ev.LoadSpec, state: SlotState) -> bool:
+def duplicate_of_serving(
+    spec: ev.LoadSpec, state: SlotState, binary: ev.BinaryIdentity | None = None
+) -> bool:
     """A healthy server already serves exactly this target (contract rule 3)."""
+    return (
+        state.state == "ready"
+        and state.process is not None
+        and (why_reload(spec, state, binary) is None)
+    )
+
+
+def why_reload(
+    spec: ev.LoadSpec, state: SlotState, binary: ev.BinaryIdentity | None = None
+) -> str | None:
+    """Why `spec` differs from what serves (None: the same target, or nothing serves)."""
     served = state.serving
-    if state.state != "ready" or served is None or state.process is None:
-        return False
+    if served is None:
+        return None
     reason = reload_reason(
         spec,
         served.spec,
@@ -51,15 +65,19 @@ def duplicate_of_serving(spec: ev.LoadSpec, state: SlotState) -> bool:
         served.model.is_vision,
         served.extra_args,
     )
-    return reason is None
+    changed = served.binary is not None and binary is not None and served.binary != binary
+    if reason is None and changed:  # rebuilt or replaced llama-server: same args, new code
+        return "binary_changed"
+    return reason
 
 
 def decide(command: Command, state: SlotState) -> list[ev.Event]:
     match command:
-        case Load(load_id=load_id, spec=spec, at=at):
-            if duplicate_of_serving(spec, state):
+        case Load(load_id=load_id, spec=spec, at=at, binary=binary):
+            if duplicate_of_serving(spec, state, binary):
                 return [ev.LoadShortCircuited(at=at, load_id=load_id, spec=spec)]
-            return [ev.LoadRequested(at=at, load_id=load_id, spec=spec)]
+            reason = why_reload(spec, state, binary) if state.state == "ready" else None
+            return [ev.LoadRequested(at=at, load_id=load_id, spec=spec, reason=reason)]
         case Unload(at=at):
             if state.state in ("ready", "failed", "crashed"):
                 return [ev.UnloadRequested(at=at)]
@@ -94,12 +112,13 @@ class Settle:
 
 @dataclass(frozen=True, slots=True)
 class Spawn:
-    """Start llama-server for the pending load."""
+    """Plan the launch (context, GPUs, offload, slots) and start llama-server for it."""
 
 
 @dataclass(frozen=True, slots=True)
 class AwaitHealth:
-    """Poll /health until 200, the process exits, the deadline passes or the load is cancelled."""
+    """Poll /health until 200 (then read /props), the process exits, the deadline passes or
+    the load is cancelled."""
 
 
 @dataclass(frozen=True, slots=True)

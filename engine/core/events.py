@@ -19,6 +19,9 @@ SCHEMA_VERSION = 1
 KillReason = Literal["replace", "unload", "cancel", "failure", "recovery"]
 SettleKind = Literal["stable", "timeout", "cpu-only", "probe-error", "cold", "stale", "gpu-change"]
 AbandonOutcome = Literal["cancelled", "failed", "refused"]
+# chat: --jinja; embedding: --embedding; rerank: --reranking; projector: never served alone.
+ModelKind = Literal["chat", "embedding", "rerank", "projector"]
+Offload = Literal["full", "partial", "cpu"]  # all layers on GPU, split with RAM, no GPU
 Fingerprint = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -38,6 +41,7 @@ class LoadSpec(_Record):
     extra_args: tuple[str, ...] | None = None  # None = inherit, () = clear
     token_fingerprint: Fingerprint | None = None
     force: bool = False
+    parallel_slots: int | None = None  # None = the planner's default (4 with --kv-unified, else 1)
 
 
 class ResolvedModel(_Record):
@@ -57,6 +61,23 @@ class ResolvedModel(_Record):
     head_count_kv: int | None = None
     key_length: int | None = None
     value_length: int | None = None
+    # Launch-planning facts (absent from journals written before them: None = unknown).
+    architecture_type: str | None = None  # general.type: "model", "mmproj", ...
+    kind: ModelKind = "chat"
+    sliding_window: int | None = None  # tokens a sliding-window layer attends to
+    swa_layers: int | None = None  # how many layers use the sliding window
+    recurrent_layers: int | None = None  # SSM layers: a fixed state per sequence, no KV
+    recurrent_state_bytes: int | None = None  # per recurrent layer and sequence
+    expert_count: int | None = None  # MoE: informative (the file size holds the experts)
+
+
+class BinaryIdentity(_Record):
+    """The llama-server a process runs: a changed binary is a different target."""
+
+    path: str
+    size_bytes: int
+    mtime_ns: int
+    version: str = ""
 
 
 class BaseEvent(_Record):
@@ -76,6 +97,7 @@ class BaseEvent(_Record):
 class LoadRequested(BaseEvent):
     type: Literal["load_requested"] = "load_requested"
     spec: LoadSpec
+    reason: str | None = None  # why it is not a duplicate of what serves (None: nothing serves)
 
 
 class LoadShortCircuited(BaseEvent):
@@ -136,6 +158,86 @@ class AdmissionChecked(BaseEvent):
     limit_bytes: int | None = None  # Engine(memory_limit=...), when set
     verdict: Literal["fits", "refused", "forced"]
     error: str | None = None  # the refusal message, when refused
+
+
+# --- launch planning ----------------------------------------------------------------------
+
+
+class GpuInfo(_Record):
+    index: int  # NVML index (physical; what CUDA_VISIBLE_DEVICES names)
+    uuid: str = ""
+    total_bytes: int
+    free_bytes: int
+
+
+class Inventory(_Record):
+    """What the host has when the launch is planned (after the previous server settled)."""
+
+    gpus: tuple[GpuInfo, ...] = ()
+    ram_total_bytes: int  # the cgroup limit when one applies, else physical memory
+    ram_available_bytes: int
+    ram_source: str = "host"  # "host", "cgroup v2" or "cgroup v1"
+
+
+class PlanRequest(_Record):
+    """What the load pins down: an explicit context is never shrunk."""
+
+    context: int | None = None  # None = auto-fit; 0 (native) is resolved before planning
+    parallel_slots: int | None = None  # None = the default
+    cache_type_kv: str | None = None
+
+
+class PlanPolicy(_Record):
+    fit_fraction: float = Field(default=0.97, ge=0.80, le=1.00)
+    supports_kv_unified: bool = False
+    supports_fit: bool = False
+
+
+class DeviceBudget(_Record):
+    index: int  # GPU index; -1 = host RAM (CPU-only host)
+    budget_bytes: int  # free minus the reserve the policy keeps
+    planned_bytes: int  # what this plan puts there (0 for a device not chosen)
+
+
+class LaunchPlan(_Record):
+    context: int
+    max_context: int  # the fit ceiling: the largest aligned context that fits
+    native_context: int
+    parallel_slots: int
+    kv_unified: bool
+    gpus: tuple[int, ...]  # CUDA_VISIBLE_DEVICES, in this order (empty: not set)
+    offload: Offload
+    flags: tuple[str, ...]  # -ngl/--fit flags for the command line
+    devices: tuple[DeviceBudget, ...]
+    weights_bytes: int
+    kv_cache_bytes: int
+    need_bytes: int
+    reason: str
+
+
+class LaunchPlanned(BaseEvent):
+    """The pure planner's inputs and its decision, between admission and spawn."""
+
+    type: Literal["launch_planned"] = "launch_planned"
+    plan: LaunchPlan  # first: the decision leads in timelines, its inputs follow
+    request: PlanRequest
+    policy: PlanPolicy
+    inventory: Inventory
+
+
+class ServerProps(_Record):
+    """What the running server says it got (`GET /props`); the truth over the plan."""
+
+    n_ctx: int | None = None
+    total_slots: int | None = None
+    model_alias: str | None = None
+    build_info: str | None = None
+    error: str | None = None  # /props could not be read; the load still succeeds
+
+
+class ServerPropsRead(BaseEvent):
+    type: Literal["server_props_read"] = "server_props_read"
+    props: ServerProps
 
 
 # --- hub download (coarse grain: never one event per chunk) -------------------------------
@@ -218,6 +320,8 @@ class SpawnStarted(BaseEvent):
     extra_args: tuple[str, ...]
     extra_args_source: str | None = None
     socket_path: str | None = None  # listen="unix": where the server listens instead of a port
+    binary: BinaryIdentity | None = None
+    cuda_visible_devices: str | None = None  # set in the child's environment when not None
 
 
 class Spawned(BaseEvent):
@@ -295,6 +399,8 @@ Event = Annotated[
     | LoadJoined
     | ModelResolved
     | AdmissionChecked
+    | LaunchPlanned
+    | ServerPropsRead
     | LoadCancelled
     | LoadFailed
     | LoadAbandoned

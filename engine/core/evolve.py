@@ -66,6 +66,11 @@ def _settled(state: SlotState, e: ev.Settled) -> Changes:
     return dict(pending=replace(_pending(state), settled=True))
 
 
+@_on(ev.LaunchPlanned)
+def _launch_planned(state: SlotState, e: ev.LaunchPlanned) -> Changes:
+    return dict(pending=replace(_pending(state), plan=e.plan))
+
+
 @_on(ev.SpawnStarted)
 def _spawn_started(state: SlotState, e: ev.SpawnStarted) -> Changes:
     pending = _pending(state)
@@ -76,6 +81,8 @@ def _spawn_started(state: SlotState, e: ev.SpawnStarted) -> Changes:
         extra_args=e.extra_args,
         extra_args_source=e.extra_args_source,
         argv=e.argv,
+        plan=pending.plan,
+        binary=e.binary,
     )
     # The process is not known yet; its port, marker and log are (write-ahead intent).
     process = ServerProcess(
@@ -101,6 +108,13 @@ def _spawn_retried(state: SlotState, e: ev.SpawnRetried) -> Changes:
 @_on(ev.HealthPassed)
 def _health_passed(state: SlotState, e: ev.HealthPassed) -> Changes:
     return dict(pending=replace(_pending(state), health_passed=True))
+
+
+@_on(ev.ServerPropsRead)
+def _server_props_read(state: SlotState, e: ev.ServerPropsRead) -> Changes:
+    pending = _pending(state)
+    launch = replace(pending.launch, props=e.props) if pending.launch is not None else None
+    return dict(pending=replace(pending, launch=launch))
 
 
 @_on(ev.HealthFailed)

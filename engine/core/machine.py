@@ -53,6 +53,7 @@ TRANSITIONS: Final[tuple[tuple[str, tuple[str, ...], str], ...]] = (
     ("settle_started", ("resolving", "killing"), "settling"),
     ("vram_sampled", ("settling",), SAME),
     ("settled", ("settling",), SAME),
+    ("launch_planned", ("settling",), SAME),
     # Spawn (intent first, then the pid), warm up, commit.
     ("spawn_started", ("settling",), "spawning"),
     ("spawned", ("spawning",), "warming"),
@@ -60,6 +61,7 @@ TRANSITIONS: Final[tuple[tuple[str, tuple[str, ...], str], ...]] = (
     ("spawn_retried", ("warming", "killing"), "settling"),
     ("health_passed", ("warming",), SAME),
     ("health_failed", ("warming",), SAME),
+    ("server_props_read", ("warming",), SAME),
     ("load_succeeded", ("warming",), "ready"),
     ("load_cancelled", IN_FLIGHT, "idle"),
     ("load_failed", (*IN_FLIGHT, "recovering"), "failed"),

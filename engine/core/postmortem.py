@@ -76,6 +76,9 @@ class LoadReport:
     ended_at: float | None = None
     phases: dict[str, float] = field(default_factory=dict)
     spans: list[tuple[str, float, float]] = field(default_factory=list)  # (phase, start, end)
+    reload_reason: str | None = None  # why it was not a duplicate of what served
+    planned: dict[str, Any] | None = None  # the launch plan (context, slots, GPUs, offload)
+    effective: dict[str, Any] | None = None  # what the server reported (/props)
 
     @property
     def total_s(self) -> float | None:
@@ -158,6 +161,7 @@ def _settings(spec: ev.LoadSpec) -> dict[str, Any]:
             "speculative_type",
             "chat_template_override",
             "force",
+            "parallel_slots",
         }
     )
     template = data.get("chat_template_override")
@@ -281,6 +285,7 @@ class _Analysis:
                     requested_extra_args=(
                         None if spec.extra_args is None else list(spec.extra_args)
                     ),
+                    reload_reason=event.reason if isinstance(event, ev.LoadRequested) else None,
                 )
                 if isinstance(event, ev.LoadShortCircuited):
                     report.outcome, report.ended_at = "already_loaded", at
@@ -297,6 +302,38 @@ class _Analysis:
                     load.extra_args = list(event.extra_args)
                     load.extra_args_source = event.extra_args_source
                     load.argv = list(event.argv)
+            case ev.LaunchPlanned(plan=plan):
+                load = self.loads.get(current or "")
+                if load is not None:
+                    load.planned = plan.model_dump(
+                        include={
+                            "context",
+                            "max_context",
+                            "native_context",
+                            "parallel_slots",
+                            "kv_unified",
+                            "gpus",
+                            "offload",
+                            "reason",
+                        }
+                    )
+            case ev.ServerPropsRead(props=props):
+                load = self.loads.get(current or "")
+                if load is not None:
+                    load.effective = props.model_dump(exclude_none=True)
+                planned = before.pending.plan if before.pending is not None else None
+                if planned is not None and props.n_ctx is not None:
+                    unified = planned.kv_unified or planned.parallel_slots == 1
+                    per_slot = planned.context // planned.parallel_slots
+                    expected = planned.context if unified else per_slot
+                    if props.n_ctx != expected:
+                        self.anomaly(
+                            seq,
+                            at,
+                            "context_mismatch",
+                            f"load {current} planned {expected} tokens per slot, the server "
+                            f"reports n_ctx {props.n_ctx}",
+                        )
             case ev.Spawned(pid=pid):
                 load = self.loads.get(current or "")
                 if load is not None:
@@ -481,6 +518,28 @@ def render(report: Report, journal: str, tail_lines: int = 10) -> str:
             f"          extra args: requested {_args(load.requested_extra_args)}; "
             f"in force {in_force}"
         )
+        if load.reload_reason:
+            out.append(f"          reloaded because: {load.reload_reason}")
+        if load.planned is not None:
+            plan = load.planned
+            gpus = ",".join(map(str, plan["gpus"])) or "-"
+            unified = " kv-unified" if plan["kv_unified"] else ""
+            out.append(
+                f"          planned: context {plan['context']} (ceiling {plan['max_context']}, "
+                f"native {plan['native_context']}), {plan['parallel_slots']} slots{unified}, "
+                f"GPUs {gpus}, offload {plan['offload']}: {plan['reason']}"
+            )
+        if load.effective is not None:
+            effective = load.effective
+            out.append(
+                "          effective: "
+                + (
+                    f"n_ctx {effective.get('n_ctx')}, {effective.get('total_slots')} slots"
+                    if "error" not in effective
+                    else effective["error"]
+                )
+                + " (GET /props)"
+            )
         if load.error:
             out.append(f"          error: {load.error}")
     out += ["", f"INCIDENTS ({len(report.incidents)})"]

@@ -25,6 +25,7 @@ from engine.core.policy import check_extra_args
 from engine.core.rules import (
     CACHE_TYPES,
     MAX_CONTEXT,
+    MAX_SLOTS,
     SPECULATIVE_TYPES,
     InvalidRequest,
     check_text,
@@ -48,6 +49,7 @@ class LoadRequest(BaseModel):
     llama_extra_args: list[StrictStr] | None = None  # None = inherit, [] = clear
     hf_token: SecretStr | None = None
     force: StrictBool = False
+    parallel_slots: StrictInt | None = None  # None = 4 with --kv-unified when supported, else 1
 
     @field_validator("llama_extra_args", mode="before")
     @classmethod
@@ -112,6 +114,9 @@ def to_spec(
     ctx = request.max_seq_length
     if ctx is not None and not 0 <= ctx <= MAX_CONTEXT:
         raise InvalidRequest(f"max_seq_length: must be in 0..{MAX_CONTEXT} (0 = native), got {ctx}")
+    slots = request.parallel_slots
+    if slots is not None and not 1 <= slots <= MAX_SLOTS:
+        raise InvalidRequest(f"parallel_slots: must be in 1..{MAX_SLOTS}, got {slots}")
     cache = (request.cache_type_kv or "").strip().lower() or None
     if cache is not None and cache not in CACHE_TYPES:
         raise InvalidRequest(
@@ -136,6 +141,7 @@ def to_spec(
         extra_args=tuple(extra_args) if extra_args is not None else None,
         token_fingerprint=token_fingerprint(token),
         force=request.force,
+        parallel_slots=slots,
     )
 
 
@@ -185,6 +191,15 @@ class Status:
     api_key: SecretStr | None = None  # send as `Authorization: Bearer ...` (never journaled)
     base_url: str | None = None  # http://127.0.0.1:PORT, or http://localhost over `socket_path`
     socket_path: str | None = None  # listen="unix": the server's Unix socket
+    # The launch: what the server reported (context_length, parallel_slots from /props), the
+    # plan's fit ceiling, GPUs and offload, and the model's native context and kind.
+    context_length: int | None = None
+    max_context_length: int | None = None
+    native_context_length: int | None = None
+    parallel_slots: int | None = None
+    gpus: tuple[int, ...] = ()
+    offload: str | None = None  # "full" | "partial" | "cpu"
+    kind: str | None = None  # "chat" | "embedding" | "rerank"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -18,6 +18,7 @@ CACHE_TYPES: Final = frozenset(
 )
 SPECULATIVE_TYPES: Final = frozenset({"default", "off", "ngram-simple", "ngram-mod"})
 MAX_CONTEXT: Final = 1 << 24
+MAX_SLOTS: Final = 64  # llama-server's parallel slots a load may ask for
 
 # Groups of inherited flags that shadow a first-class setting, keyed by the request field.
 # Canonical names only: extra args are canonicalised by engine.core.policy before they are
@@ -171,6 +172,7 @@ def same_target(a: LoadSpec, b: LoadSpec) -> bool:
         and a.chat_template_override == b.chat_template_override
         and a.extra_args == b.extra_args
         and a.token_fingerprint == b.token_fingerprint
+        and a.parallel_slots == b.parallel_slots
     )
 
 
@@ -200,6 +202,8 @@ def reload_reason(
         return "different speculative mode"
     if spec.chat_template_override != served.chat_template_override:
         return "different chat template"
+    if spec.parallel_slots != served.parallel_slots:
+        return "different parallel slots"
     if spec.extra_args is None:
         shadowing = shadowing_flags(served_extra_args, spec)
         if shadowing:

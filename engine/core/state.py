@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.core.events import LoadSpec, ResolvedModel
+from engine.core.events import BinaryIdentity, LaunchPlan, LoadSpec, ResolvedModel, ServerProps
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,9 @@ class LoadedModel:
     extra_args: tuple[str, ...]
     extra_args_source: str | None
     argv: tuple[str, ...]
+    plan: LaunchPlan | None = None  # None in journals written before launch planning
+    binary: BinaryIdentity | None = None
+    props: ServerProps | None = None  # what the server reported after health
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,7 @@ class PendingLoad:
     model: ResolvedModel | None = None
     admission: str | None = None  # the memory verdict: "fits", "refused" or "forced"
     settled: bool = False
+    plan: LaunchPlan | None = None  # set at launch_planned
     launch: LoadedModel | None = None  # set at spawn_started: what the new server gets
     health_passed: bool = False
     error: str | None = None

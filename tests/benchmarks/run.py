@@ -560,6 +560,61 @@ def bench_security(folder: Path, rounds: int) -> None:
     )
 
 
+def bench_plan(rounds: int) -> None:
+    """plan_launch on a 128k-context model: CPU-only, one GPU, and 8 mixed GPUs."""
+    from engine.core.plan import plan_launch
+
+    gib = 1 << 30
+    model = ev.ResolvedModel(
+        source="file:/m.gguf",
+        model_file="/m.gguf",
+        native_ctx=131072,
+        size_bytes=int(4.9 * gib),
+        block_count=32,
+        head_count_kv=8,
+        key_length=128,
+        value_length=128,
+        sliding_window=4096,
+        swa_layers=16,
+    )
+    policy = ev.PlanPolicy(supports_kv_unified=True, supports_fit=True)
+    hosts = {
+        "CPU-only, 64 GiB": ev.Inventory(ram_total_bytes=64 * gib, ram_available_bytes=60 * gib),
+        "1 GPU, 24 GiB": ev.Inventory(
+            gpus=(ev.GpuInfo(index=0, total_bytes=24 * gib, free_bytes=23 * gib),),
+            ram_total_bytes=64 * gib,
+            ram_available_bytes=60 * gib,
+        ),
+        "8 mixed GPUs": ev.Inventory(
+            gpus=tuple(
+                ev.GpuInfo(index=i, total_bytes=(8 + 4 * i) * gib, free_bytes=(2 + i) * gib)
+                for i in range(8)
+            ),
+            ram_total_bytes=512 * gib,
+            ram_available_bytes=500 * gib,
+        ),
+    }
+    dense = model.model_copy(update={"sliding_window": None, "swa_layers": None})
+    cases = [(name, model, inventory) for name, inventory in hosts.items()]
+    cases.append(("1 GPU, 16 GiB, dense KV (searched)", dense, ev.Inventory(
+        gpus=(ev.GpuInfo(index=0, total_bytes=16 * gib, free_bytes=15 * gib),),
+        ram_total_bytes=64 * gib,
+        ram_available_bytes=60 * gib,
+    )))  # fmt: skip
+    for name, shape, inventory in cases:
+        samples = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            plan = plan_launch(shape, inventory, ev.PlanRequest(), policy)
+            samples.append(time.perf_counter() - t)
+        _row(
+            f"plan_launch, {name}",
+            f"{statistics.median(samples) * 1e6:.1f} µs median "
+            f"(ctx {plan.context}, {plan.offload}, GPUs {','.join(map(str, plan.gpus)) or '-'})",
+            "target <= 50 µs",
+        )
+
+
 def main() -> int:
     quick = "--quick" in sys.argv
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
@@ -574,6 +629,7 @@ def main() -> int:
         bench_settle()
         bench_node(folder, 3 if quick else 8)
         bench_security(folder, 3 if quick else 10)
+        bench_plan(200 if quick else 2000)
     return 0
 
 

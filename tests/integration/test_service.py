@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from engine.adapters.journal import Journal
+from engine.cli.tiny_model import write_tiny_model
 from engine.core import events as ev
 
 pytestmark = pytest.mark.server
@@ -74,8 +75,12 @@ def _stop(service: Service) -> str:
 
 @pytest.fixture
 def service(tmp_path: Path, tiny_model: Path) -> Iterator[Service]:
+    embedder = write_tiny_model(tmp_path / "tiny-embed.gguf", pooling_type=1)  # mean pooling
     presets = tmp_path / "presets.toml"
-    presets.write_text(f'[models.chat]\nmodel = "{tiny_model}"\nextra_args = ["--seed", "7"]\n')
+    presets.write_text(
+        f'[models.chat]\nmodel = "{tiny_model}"\nextra_args = ["--seed", "7"]\n\n'
+        f'[models.embed]\nmodel = "{embedder}"\n'
+    )
     running = _start(tmp_path, "--preset", str(presets))
     try:
         yield running
@@ -112,7 +117,7 @@ def _alive(pid: int) -> bool:
 
 def test_openai_client_chats_through_the_service_loading_on_demand(service: Service) -> None:
     client = openai.OpenAI(base_url=service.base + "/v1", api_key="unused")
-    assert [m.id for m in client.models.list()] == ["chat"]
+    assert [m.id for m in client.models.list()] == ["chat", "embed"]
     assert service.status_of("chat") == "unloaded"
 
     reply = client.chat.completions.create(
@@ -129,6 +134,10 @@ def test_openai_client_chats_through_the_service_loading_on_demand(service: Serv
         )
     )
     assert len(chunks) >= 4 and chunks[-1].choices[0].finish_reason == "length"
+
+    vectors = client.embeddings.create(model="embed", input="hello")
+    assert len(vectors.data[0].embedding) == 64
+    assert service.status_of("embed") == "loaded" and service.status_of("chat") == "loaded"
 
     with pytest.raises(openai.NotFoundError, match="not offered here"):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])

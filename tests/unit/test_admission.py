@@ -40,8 +40,10 @@ def spec(**fields: object) -> ev.LoadSpec:
 @pytest.mark.parametrize(
     ("requested", "extras", "native", "expected"),
     [
-        (None, (), 8192, 8192),  # not set: the model's native context
-        (0, (), 8192, 8192),
+        (None, (), 8192, 4096),  # not set: the planner's auto-fit floor, min(4096, native)
+        (None, (), 131072, 4096),  # a 128k model is admitted on what it will at least get
+        (None, (), 2048, 2048),
+        (0, (), 8192, 8192),  # 0 = native: an explicit request, never shrunk
         (4096, (), 8192, 4096),
         (None, ("--ctx-size", "2048"), 8192, 2048),  # an inherited -c is what it gets
         (4096, ("--ctx-size", "1024"), 8192, 1024),  # extras come last and win

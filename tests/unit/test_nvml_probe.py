@@ -105,3 +105,13 @@ def test_vram_used_by_a_pid(nvml: FakeNvml) -> None:
     assert probe.used_by(42) == 600 * MIB
     assert probe.used_by_gpu(42) == [(0, 500 * MIB), (2, 100 * MIB)]
     assert probe.used_by(99) == 0 and probe.used_by_gpu(99) == []
+
+
+def test_inventory_lists_index_uuid_total_and_free_of_visible_gpus(nvml: FakeNvml) -> None:
+    probe = NvmlProbe(visible_devices="2,0")
+    inventory = probe.inventory()
+    assert [(g.index, g.uuid, g.free_bytes) for g in inventory] == [
+        (2, "GPU-2aaa-2", 3000 * MIB),
+        (0, "GPU-0aaa-0", 1000 * MIB),
+    ]
+    assert all(g.total_bytes == 80_000 * MIB for g in inventory)

@@ -190,3 +190,61 @@ def test_postmortem_cli_rejects_bad_bounds(
     assert "--since/--until take a sequence number or an ISO time" in capsys.readouterr().err
     assert main(["postmortem", str(journal_path), "--slot", "nope"]) == 2
     assert "no slot 'nope'" in capsys.readouterr().err
+
+
+def _planned_load(load_id: str, t: float, pid: int, n_ctx: int) -> list[ev.BaseEvent]:
+    """A load with its launch plan (8192 tokens, 4 unified slots) and the server's /props."""
+    plan = ev.LaunchPlan(
+        context=8192,
+        max_context=16384,
+        native_context=131072,
+        parallel_slots=4,
+        kv_unified=True,
+        gpus=(1,),
+        offload="full",
+        flags=("-ngl", "-1", "--fit", "off"),
+        devices=(ev.DeviceBudget(index=1, budget_bytes=10 << 30, planned_bytes=9 << 30),),
+        weights_bytes=8 << 30,
+        kv_cache_bytes=1 << 29,
+        need_bytes=9 << 30,
+        reason="auto-fit context 8192 of 131072 native fits on GPU 1",
+    )
+    planned = ev.LaunchPlanned(
+        at=t + 0.75,
+        load_id=load_id,
+        inventory=ev.Inventory(ram_total_bytes=1 << 34, ram_available_bytes=1 << 33),
+        request=ev.PlanRequest(),
+        policy=ev.PlanPolicy(supports_kv_unified=True, supports_fit=True),
+        plan=plan,
+    )
+    props = ev.ServerPropsRead(
+        at=t + 1.1, load_id=load_id, props=ev.ServerProps(n_ctx=n_ctx, total_slots=4)
+    )
+    events = _load(load_id, t, pid)
+    return [*events[:4], planned, *events[4:7], props, events[7]]
+
+
+def test_postmortem_shows_planned_vs_effective_and_a_context_mismatch(
+    journal_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _write(journal_path, _planned_load("a", 100.0, 1, n_ctx=4096))
+    assert main(["postmortem", str(journal_path)]) == 0
+    text = capsys.readouterr().out
+    assert (
+        "planned: context 8192 (ceiling 16384, native 131072), 4 slots kv-unified, GPUs 1, "
+        "offload full: auto-fit context 8192 of 131072 native fits on GPU 1"
+    ) in text
+    assert "effective: n_ctx 4096, 4 slots (GET /props)" in text
+    assert (
+        "context_mismatch: load a planned 8192 tokens per slot, the server reports n_ctx 4096"
+        in text
+    )
+    assert main(["verify", str(journal_path)]) == 0  # worth a look, not a contract violation
+
+
+def test_no_anomaly_when_the_server_got_the_planned_context() -> None:
+    report = analyse(_records(_planned_load("a", 100.0, 1, n_ctx=8192)))
+    (load,) = report.loads
+    assert load.planned is not None and load.planned["gpus"] == (1,)
+    assert load.effective == {"n_ctx": 8192, "total_slots": 4}
+    assert report.anomalies == []
