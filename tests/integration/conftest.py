@@ -3,9 +3,11 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,3 +103,16 @@ def marked_servers(engine: Engine) -> list[tuple[int, float, str]]:
     from engine.adapters.process import ProcessManager
 
     return ProcessManager().marked_processes(engine.journal_id + "/")
+
+
+def crash_server(engine: Engine, within: float = 10.0) -> int:
+    """SIGKILL the slot's ready server behind the engine's back; wait until the monitor has
+    journaled the crash. Returns the dead pid."""
+    pid = engine.status().pid
+    assert pid is not None, "no server to crash"
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + within
+    while engine.status().state != "crashed" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.status().state == "crashed", f"the crash of pid {pid} was not noticed"
+    return pid

@@ -3,9 +3,6 @@ values match the journal, and counters survive a restart (they are derived from 
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +15,7 @@ from engine.metrics import JournalMetrics
 from engine.orchestrator import Engine
 from engine.replay import replay_steps
 from tests.conftest import rows
+from tests.integration.conftest import crash_server
 
 
 def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -47,12 +45,7 @@ def test_metrics_match_the_journal_and_survive_a_restart(
     assert _value(live, "studio_engine_slot_state", slot="default", state="ready") == 1.0
     assert (_value(live, "studio_engine_journal_append_seconds_count") or 0) > 0
 
-    pid = engine.status().pid
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while engine.status().state != "crashed" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    crash_server(engine)
     engine.unload()
     after = _samples(metrics.render())
 

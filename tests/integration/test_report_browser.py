@@ -4,12 +4,9 @@ shows one bar per phase of every load."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from engine.core.postmortem import analyse
 from engine.orchestrator import Engine
 from engine.replay import replay_steps
 from tests.conftest import rows
-from tests.integration.conftest import marked_servers
+from tests.integration.conftest import crash_server, marked_servers
 
 pytestmark = pytest.mark.server
 
@@ -46,13 +43,7 @@ def test_the_report_of_a_real_session_renders_one_bar_per_phase(
     engine = real_engine
     assert engine.load({"model_path": str(tiny_model)}).status == "loaded"
     assert engine.load({"model_path": str(tiny_model), "max_seq_length": 512}).status == "loaded"
-    pid = engine.status().pid
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while engine.status().state != "crashed" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert engine.status().state == "crashed"
+    crash_server(engine)
     engine.unload()
     assert not marked_servers(engine)
 
