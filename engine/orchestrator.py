@@ -9,13 +9,13 @@ journal and only then publishes the new state.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +24,7 @@ from pydantic import SecretStr
 
 from engine import steps
 from engine.adapters.binary import locate_server
-from engine.adapters.journal import Journal
+from engine.adapters.journal import BUSY_TIMEOUT_S, Journal
 from engine.adapters.lease import LEASE_TTL_S, Lease
 from engine.adapters.local_models import locate_model_file
 from engine.core import events as ev
@@ -43,7 +43,7 @@ from engine.core.decide import (
     decide,
     next_step,
 )
-from engine.core.errors import EngineError, StepFailed
+from engine.core.errors import EngineClosed, EngineError, JournalUnavailable, StepFailed
 from engine.core.evolve import evolve
 from engine.core.request import LoadRequest, LoadResult, Status, as_request, to_spec
 from engine.core.rules import InvalidRequest, same_target
@@ -59,6 +59,7 @@ log = logging.getLogger("studio-engine")
 KILL_GRACE_S = 5.0
 HEALTH_TIMEOUT_S = 600.0
 MONITOR_INTERVAL_S = 0.25
+MONITOR_MAX_BACKOFF_S = 0.5  # a journal that is writable again hears of a crash within 1 s
 
 
 @dataclass
@@ -87,7 +88,11 @@ def default_run_dir(journal: Journal) -> Path:
 
 
 def journal_id(journal: Journal) -> str:
-    return hashlib.sha256(journal.url.encode()).hexdigest()[:12]
+    """The random id stored in the journal (migration 0003): how markers, run folders and
+    leases name it, however its URL is spelled."""
+    if journal.identity is None:  # only a read-only open of a pre-0003 journal lacks one
+        raise EngineError(f"journal {journal.url} has no identity; run `studio-engine db upgrade`")
+    return journal.identity
 
 
 class Engine:
@@ -127,6 +132,10 @@ class Engine:
         self.download: DownloadProgress | None = None  # per-chunk progress: memory only
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
+        self._closed = False
+        # Set when the journal refused a write: the slot's truth (a process killed or left
+        # running) is not journaled yet. The next call, or the monitor, reconciles it first.
+        self._unreconciled = False
 
     # --- opening and closing -----------------------------------------------------------------
 
@@ -142,19 +151,23 @@ class Engine:
         monitor: bool = True,
         synchronous: str = "FULL",
         lease_ttl: float = LEASE_TTL_S,
+        busy_timeout: float = BUSY_TIMEOUT_S,
         **options: Any,
     ) -> Engine:
         """Open the journal, lease the slot, replay it, reconcile with reality, start the
         crash monitor.
 
         A missing or broken llama-server is an error here, not at the first load; so is a slot
-        another live engine manages (`engine.adapters.lease.SlotBusy`).
+        another live engine manages (`engine.adapters.lease.SlotBusy`), a journal that is not
+        one (`JournalError`, one line) and a write lock held past `busy_timeout` seconds
+        (`engine.JournalBusy`).
         """
         binary = locate_server(llama_server) if effects is None else None
-        journal = Journal.open(journal_url, synchronous=synchronous)
+        journal = Journal.open(journal_url, synchronous=synchronous, busy_timeout=busy_timeout)
         lease: Lease | None = None
         try:
-            lease = Lease.acquire(journal, slot, lease_ttl)
+            with journal.guard("taking the slot lease"):
+                lease = Lease.acquire(journal, slot, lease_ttl)
             if effects is None:
                 from engine.adapters.runtime import RealEffects
 
@@ -176,15 +189,27 @@ class Engine:
         return engine
 
     def close(self, *, keep_server: bool = False) -> None:
-        """Stop the slot. `keep_server=True` leaves a healthy server for the next open to adopt."""
+        """Stop the slot. `keep_server=True` leaves a healthy server for the next open to adopt.
+
+        Every other call on a closed engine raises `engine.EngineClosed`; closing twice is a
+        no-op.
+        """
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True  # from here on no new call is accepted
         self._stop.set()
         if self._monitor is not None:
             self._monitor.join()
         try:
             if not keep_server:
-                self.unload()
+                self._unload()
             else:
-                self.cancel()
+                self._cancel_all("engine closed")
+            # Loads queued before close() journal how they ended before the journal closes.
+            with self._state_lock:
+                queued = [flight.result for flight in self._flights]
+            wait_futures(queued)
             state = self._state
             if self._snapshot_every and state.version and not (self._lease and self._lease.lost):
                 # The next open (the common restart) then replays nothing at all.
@@ -207,7 +232,9 @@ class Engine:
 
     # --- the journal: the only way state changes ---------------------------------------------
 
-    def emit(self, *events: ev.Event) -> SlotState:
+    def emit(self, *events: ev.Event, durable: bool = True) -> SlotState:
+        """Journal `events` and publish the state after them. `durable=False` for events that
+        change no process (see Journal.append): they do not wait for an fsync of their own."""
         with self._state_lock:
             before = self._state
             states = []
@@ -224,7 +251,11 @@ class Engine:
             if every and after.version // every != before.version // every:
                 # Same transaction as the events: costs one encode per `every` events.
                 snapshot = (after.version, after.updated_at or 0.0, encode_snapshot(after))
-            self.journal.append(self.slot, before.version, events, snapshot)
+            try:
+                self.journal.append(self.slot, before.version, events, snapshot, durable=durable)
+            except JournalUnavailable:
+                self._unreconciled = True
+                raise
             self._state = after
         for event, state in zip(events, states, strict=True):
             for observer in self._observers:
@@ -246,14 +277,27 @@ class Engine:
 
     # --- public API --------------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed(f"engine for slot {self.slot!r} of {self.journal.url} is closed")
+
+    def _reconcile(self) -> None:
+        """After a refused journal write, journal the truth first (caller holds the slot):
+        recovery compares the journal with the process table, as on open."""
+        if self._unreconciled:
+            recover(self)
+            self._unreconciled = False
+
     def progress(self) -> DownloadProgress | None:
         """Bytes done / total per file of the download in flight, None when none is."""
+        self._check_open()
         download, pending = self.download, self._state.pending
         if download is None or pending is None or pending.load_id != download.load_id:
             return None
         return download
 
     def status(self) -> Status:
+        self._check_open()
         state = self._state  # one immutable snapshot: never waits for a load in progress
         served = state.serving or (state.pending.launch if state.pending else None)
         spec = served.spec if served else (state.pending.spec if state.pending else None)
@@ -289,9 +333,11 @@ class Engine:
     def load(self, request: LoadRequest | dict[str, Any]) -> LoadResult:
         """Load (or reload) the slot's model. Serial per slot; the latest different load wins,
         an identical one joins the load in flight."""
+        self._check_open()
         request = as_request(request)
         spec = to_spec(request, locate_model_file)  # InvalidRequest before anything is journaled
         with self._state_lock:
+            self._check_open()  # close() may have won the race for the lock
             joined = next(
                 (f for f in reversed(self._flights) if f.spec == spec and not f.token.cancelled),
                 None,
@@ -318,22 +364,33 @@ class Engine:
 
     def unload(self) -> Status:
         """Cancel any load in flight, then stop the server. Stored extra args survive."""
-        self.cancel("unload requested")
+        self._check_open()
+        self._unload()
+        return self.status()
+
+    def _unload(self) -> None:
+        self._cancel_all("unload requested")
         with self._serial:
+            self._reconcile()
             self._emit_all(decide(Unload(at=self.effects.now()), self._state))
             self._drive(token=None)
-        return self.status()
 
     def cancel(self, reason: str = "cancelled by user") -> None:
         """Cancel every load in flight or queued; each journals how it ended."""
+        self._check_open()
+        self._cancel_all(reason)
+
+    def _cancel_all(self, reason: str) -> None:
         with self._state_lock:
             for flight in self._flights:
                 flight.token.cancel(reason)
 
     async def aload(self, request: LoadRequest | dict[str, Any]) -> LoadResult:
+        self._check_open()
         return await asyncio.to_thread(self.load, request)
 
     async def aunload(self) -> Status:
+        self._check_open()
         return await asyncio.to_thread(self.unload)
 
     # --- loads -------------------------------------------------------------------------------
@@ -342,23 +399,39 @@ class Engine:
         self.emit(
             ev.LoadJoined(
                 at=self.effects.now(), load_id=_new_load_id(), joined_load_id=joined.load_id
-            )
+            ),
+            durable=False,  # changes no process
         )
         result = joined.result.result()
         return LoadResult(**{**_fields(result), "joined": True})
 
     def _run_load(self, flight: _Flight) -> LoadResult:
-        if flight.token.cancelled:  # superseded while queued: it never started
+        self._reconcile()
+        if flight.token.cancelled:  # superseded or cancelled while queued: it never started
+            self.emit(
+                ev.LoadSuperseded(
+                    at=self.effects.now(),
+                    load_id=flight.load_id,
+                    spec=flight.spec,
+                    reason=flight.token.reason,
+                ),
+                durable=False,  # changes no process
+            )
             return LoadResult(
                 "cancelled", flight.load_id, self._state.state, error=flight.token.reason
             )
         command = Load(flight.load_id, flight.spec, self.effects.now())
         events = decide(command, self._state)
-        self._emit_all(events)
         if isinstance(events[0], ev.LoadShortCircuited):
+            self.emit(*events, durable=False)  # changes no process
             return self._result(flight.load_id, "already_loaded")
+        self._emit_all(events)
         try:
             self._drive(flight.token)
+        except JournalUnavailable:
+            # Nothing more can be journaled now; any process this load started and could not
+            # journal is dead already (steps.spawn). The next call reconciles the slot.
+            raise
         except Cancelled as stop:
             return self._abort(flight.load_id, "cancelled", stop.reason)
         except StepFailed as failure:
@@ -450,16 +523,28 @@ class Engine:
         self._monitor.start()
 
     def _watch(self) -> None:
-        while not self._stop.wait(MONITOR_INTERVAL_S):
-            state = self._state
-            if state.state != "ready" or state.process is None:
-                continue
-            if not self._serial.acquire(blocking=False):
-                continue  # a load or unload owns the slot and will see the exit itself
+        """Never dies: a journal error (lock, full disk, lost lease) is logged, and the check
+        retried with backoff until the journal takes the write."""
+        pause = MONITOR_INTERVAL_S
+        while not self._stop.wait(pause):
             try:
-                self.check_crashed()
-            finally:
-                self._serial.release()
+                self._watch_once()
+                pause = MONITOR_INTERVAL_S
+            except Exception as exc:
+                pause = min(pause * 2, MONITOR_MAX_BACKOFF_S)
+                log.warning("slot %r: crash monitor: %s; retrying in %.2f s", self.slot, exc, pause)
+
+    def _watch_once(self) -> None:
+        state = self._state
+        if not self._unreconciled and (state.state != "ready" or state.process is None):
+            return
+        if not self._serial.acquire(blocking=False):
+            return  # a load or unload owns the slot and will see the exit itself
+        try:
+            self._reconcile()
+            self.check_crashed()
+        finally:
+            self._serial.release()
 
     def check_crashed(self) -> bool:
         """Journal `crashed` if the ready server exited on its own. Caller holds the slot."""

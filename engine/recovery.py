@@ -61,10 +61,12 @@ def recover(engine: Slot) -> None:
             )
             if same_pid or (not process.pid and marker == process.marker):
                 ours = (pid, create_time, marker)
-    # Orphans first: at no instant may two of our servers run for this slot.
+    # Orphans first: at no instant may two of our servers run for this slot. The descendants
+    # of our own process carry its marker too (a wrapper script's server): they are its tree.
     for pid, create_time, marker in marked:
-        if (pid, create_time, marker) != ours:
-            _kill_untracked(engine, pid, create_time, marker)
+        if ours is not None and marker == ours[2]:
+            continue
+        _kill_untracked(engine, pid, create_time, marker)
 
     unhealthy = False
     if process is not None and ours is None and process.pid:

@@ -24,7 +24,7 @@ from engine.core import events as ev
 from engine.core.cmdline import build_argv
 from engine.core.errors import EngineError, StepFailed
 from engine.core.rules import effective_extra_args
-from engine.core.state import SlotState
+from engine.core.state import ServerProcess, SlotState
 from engine.effects import CancelToken, DownloadProgress, Effects, FileProgress
 
 
@@ -200,9 +200,16 @@ def spawn(engine: Slot, token: CancelToken) -> None:
         )
     )
     pid, create_time = effects.spawn(argv, marker, log_path)
-    engine.emit(
-        ev.Spawned(at=effects.now(), load_id=pending.load_id, pid=pid, create_time=create_time)
-    )
+    try:
+        engine.emit(
+            ev.Spawned(at=effects.now(), load_id=pending.load_id, pid=pid, create_time=create_time)
+        )
+    except BaseException:
+        # Every process the engine starts is journaled or dead: the journal refused the pid,
+        # so nobody could ever find this server again. Kill it before the error surfaces.
+        child = ServerProcess(pid, create_time, port, pending.load_id, marker, log_path)
+        effects.kill(child, engine.settings.kill_grace)
+        raise
 
 
 def await_health(engine: Slot, token: CancelToken) -> None:

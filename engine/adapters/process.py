@@ -1,14 +1,20 @@
-"""llama-server processes: spawn with a marker, identify by (pid, create_time), kill the group.
+"""llama-server processes: spawn with a marker, identify by (pid, create_time), kill the tree.
 
 * The server gets its own session (`start_new_session`) and writes straight to a log file, so
   it survives the backend's death and recovery can adopt it — no pipe drained by a thread.
 * Identity is (pid, create_time): a reused pid is never signalled.
 * An environment marker (journal id, slot, load id) tells our servers from a user's own.
+* A kill reaches the whole tree: the process group when the server leads one (ours always
+  do), else the process and its descendants (a wrapper script's server, an adopted child);
+  ESRCH at any point means "already gone". Exits are awaited with a blocking wait on a pidfd
+  (no poll loop), so an unload costs what the server takes to exit and no more.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -23,7 +29,6 @@ from engine.effects import Exited
 
 MARKER_ENV = "STUDIO_ENGINE_MARKER"
 TAIL_LINES = 50
-_POLL_S = 0.02
 CREATE_TIME_SLACK = 0.01  # psutil rounds create_time differently across calls on some kernels
 
 
@@ -42,6 +47,7 @@ class ProcessManager:
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         self._env = dict(env or {})
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._descendants: dict[int, list[psutil.Process]] = {}  # signalled one by one
         self._lock = threading.Lock()
 
     def spawn(self, argv: Sequence[str], marker: str, log_path: str) -> tuple[int, float]:
@@ -87,31 +93,52 @@ class ProcessManager:
             return Exited(None)
         return None
 
-    def _signal_group(self, process: ServerProcess, sig: signal.Signals) -> None:
+    def _signal_tree(self, process: ServerProcess, sig: signal.Signals) -> None:
         if self.exit_status(process) is not None:
             return
+        pid = process.pid
         try:
-            # start_new_session made the server its group leader: reach its children too.
-            os.killpg(process.pid, sig)
+            if os.getpgid(pid) == pid:
+                # start_new_session made our server its group leader: one signal reaches
+                # every process it started, even those that outlived a child in between.
+                os.killpg(pid, sig)
+                return
         except ProcessLookupError:
-            pass
+            return  # gone between the check and the signal
         except PermissionError:
-            os.kill(process.pid, sig)
+            pass
+        # Not a group leader (a wrapper script's server, a server adopted from another
+        # group): the process and its descendants, each ESRCH meaning "already gone".
+        try:
+            root = psutil.Process(pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        with self._lock:
+            self._descendants[pid] = tree[1:]
+        for victim in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.send_signal(sig)
 
     def _wait(self, process: ServerProcess, grace: float) -> Exited | None:
+        """Block until the process exits or `grace` passes (pidfd: woken by the exit itself)."""
         deadline = time.monotonic() + grace
-        while True:
+        status = self.exit_status(process)
+        if status is None:
+            _block_until_exit(process.pid, grace)
             status = self.exit_status(process)
-            if status is not None or time.monotonic() >= deadline:
-                return status
-            time.sleep(_POLL_S)
+        with self._lock:
+            descendants = self._descendants.pop(process.pid, [])
+        if status is not None and descendants:
+            psutil.wait_procs(descendants, timeout=max(0.0, deadline - time.monotonic()))
+        return status
 
     def terminate(self, process: ServerProcess, grace: float) -> Exited | None:
-        self._signal_group(process, signal.SIGTERM)
+        self._signal_tree(process, signal.SIGTERM)
         return self._wait(process, grace)
 
     def kill(self, process: ServerProcess, grace: float) -> Exited | None:
-        self._signal_group(process, signal.SIGKILL)
+        self._signal_tree(process, signal.SIGKILL)
         return self._wait(process, grace)
 
     def marked_processes(self, prefix: str) -> list[tuple[int, float, str]]:
@@ -128,6 +155,24 @@ class ProcessManager:
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
         return found
+
+
+def _block_until_exit(pid: int, timeout: float) -> None:
+    """Return when `pid` has exited (it is a zombie or gone) or after `timeout` seconds."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # already gone
+    except (AttributeError, OSError):  # not Linux >= 5.3: psutil's wait (it backs off)
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired, ChildProcessError):
+            psutil.Process(pid).wait(timeout)
+        return
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)  # readable once the process has terminated
+        poller.poll(max(0, int(timeout * 1000)))
+    finally:
+        os.close(pidfd)
 
 
 def log_tail(log_path: str, lines: int = TAIL_LINES, max_bytes: int = 16384) -> str:

@@ -83,6 +83,15 @@ class LoadJoined(BaseEvent):
     joined_load_id: str
 
 
+class LoadSuperseded(BaseEvent):
+    """A load call that ended while queued, before it started: superseded by a newer load or
+    cancelled. Its request and its end in one event, so every call is journaled."""
+
+    type: Literal["load_superseded"] = "load_superseded"
+    spec: LoadSpec
+    reason: str
+
+
 class ModelResolved(BaseEvent):
     type: Literal["model_resolved"] = "model_resolved"
     model: ResolvedModel
@@ -277,6 +286,7 @@ Event = Annotated[
     LoadRequested
     | LoadShortCircuited
     | LoadJoined
+    | LoadSuperseded
     | ModelResolved
     | AdmissionChecked
     | LoadCancelled
