@@ -24,7 +24,7 @@ from pydantic import SecretStr
 
 from engine import steps
 from engine.adapters.binary import locate_server
-from engine.adapters.journal import BUSY_TIMEOUT_S, Journal
+from engine.adapters.journal import BUSY_TIMEOUT_S, CorruptJournal, Journal
 from engine.adapters.lease import LEASE_TTL_S, Lease
 from engine.adapters.local_models import locate_model_file
 from engine.core import events as ev
@@ -51,7 +51,7 @@ from engine.core.snapshot import encode as encode_snapshot
 from engine.core.state import SlotState
 from engine.effects import Cancelled, CancelToken, DownloadProgress, Effects
 from engine.recovery import recover
-from engine.replay import SNAPSHOT_EVERY, open_state
+from engine.replay import SNAPSHOT_EVERY, open_state, replay_state
 from engine.steps import SlotSettings
 
 log = logging.getLogger("studio-engine")
@@ -108,6 +108,7 @@ class Engine:
         threads: int | None = None,
         memory_limit: int | None = None,
         snapshot_every: int = SNAPSHOT_EVERY,
+        initial_state: SlotState | None = None,
     ) -> None:
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0 (0 = off), not {snapshot_every!r}")
@@ -124,7 +125,11 @@ class Engine:
         )
         self._snapshot_every = snapshot_every
         self._lease: Lease | None = None  # set by open(): this engine's claim on the slot
-        self._state = open_state(journal, slot, snapshot_every)
+        self._state = (
+            initial_state
+            if initial_state is not None
+            else open_state(journal, slot, snapshot_every)
+        )
         self._state_lock = threading.Lock()  # guards appends; held only for one journal write
         self._serial = threading.Lock()  # loads and unloads on this slot run one at a time
         self._flights: list[_Flight] = []
@@ -166,6 +171,13 @@ class Engine:
         journal = Journal.open(journal_url, synchronous=synchronous, busy_timeout=busy_timeout)
         lease: Lease | None = None
         try:
+            # Replay before the first write (the lease): a corrupt journal is refused with
+            # its bytes untouched.
+            every = options.get("snapshot_every", SNAPSHOT_EVERY)
+            try:
+                state = open_state(journal, slot, every) if every >= 0 else None
+            except CorruptJournal as exc:
+                raise exc.naming(journal.url) from exc
             with journal.guard("taking the slot lease"):
                 lease = Lease.acquire(journal, slot, lease_ttl)
             if effects is None:
@@ -174,8 +186,9 @@ class Engine:
                 assert binary is not None
                 directory = Path(run_dir) if run_dir is not None else default_run_dir(journal)
                 effects = RealEffects(binary, directory, journal)
-            engine = cls(journal, effects, slot=slot, **options)
+            engine = cls(journal, effects, slot=slot, initial_state=state, **options)
             engine._lease = lease
+            engine._catch_up()
             engine._recover()
         except BaseException:
             if lease is not None:
@@ -566,6 +579,12 @@ class Engine:
         return True
 
     # --- recovery ----------------------------------------------------------------------------
+
+    def _catch_up(self) -> None:
+        """Fold in what a previous holder appended between our replay and our lease."""
+        if self.journal.last_version(self.slot) != self._state.version:
+            rows = self.journal.read_rows(self.slot, after_version=self._state.version)
+            self._state = replay_state(rows, self._state)
 
     def _recover(self) -> None:
         """Reconcile the replayed state with the real process table (see engine.recovery)."""

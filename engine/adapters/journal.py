@@ -99,9 +99,14 @@ class SchemaTooNew(JournalError):
 
 
 class CorruptJournal(JournalError):
-    def __init__(self, seq: int, message: str) -> None:
-        self.seq = seq
-        super().__init__(f"journal event #{seq}: {message}")
+    def __init__(self, seq: int, message: str, where: str | None = None) -> None:
+        self.seq, self.message = seq, message
+        prefix = f"{where}: " if where else ""
+        super().__init__(f"{prefix}journal event #{seq}: {message}")
+
+    def naming(self, where: str) -> CorruptJournal:
+        """The same error, saying which journal (file or URL) it is about."""
+        return CorruptJournal(self.seq, self.message, where)
 
 
 class ConcurrencyConflict(JournalError):
@@ -194,15 +199,19 @@ class Journal:
                 raise JournalError(
                     f"synchronous must be OFF/NORMAL/FULL/EXTRA, not {synchronous!r}"
                 )
+            if url.database not in (None, "", ":memory:") and not url.database.startswith("file:"):
+                # One file, one spelling: a relative `sqlite:///studio.db` names the file in
+                # the folder it was opened from, for good (run folders sit beside it).
+                url = url.set(database=str(Path(url.database).expanduser().resolve()))
+                shown = url.render_as_string(hide_password=True)
             _prepare_sqlite_file(url, create and not read_only)
             kwargs["connect_args"] = {"check_same_thread": False}
             if url.database in (None, "", ":memory:"):
                 kwargs["poolclass"] = sa.StaticPool
             elif read_only and not url.database.startswith("file:"):
-                shown = str(Path(url.database))
                 # SQLite's own read-only mode: no write, no WAL switch, no migration can
                 # happen even by mistake, and a chmod 0400 copy opens.
-                url = url.set(database=f"file:{Path(url.database).resolve()}?mode=ro&uri=true")
+                url = url.set(database=f"file:{url.database}", query={"mode": "ro", "uri": "true"})
         elif url.get_backend_name() == "postgresql":
             # The PostgreSQL analogue of SQLite's busy timeout: wait this long for a lock.
             timeout_ms = int(busy_timeout * 1000)
@@ -274,8 +283,25 @@ class Journal:
             return conn.execute(sa.select(identity_table.c.id)).scalar()
 
     def _upgrade(self) -> None:
-        """Bring the schema to head; refuse a journal from a newer engine."""
-        current = self.schema_revision()
+        """Bring the schema to head; refuse a journal from a newer engine, and a database
+        that is something else (never add our tables to another application's file)."""
+        with self.engine.connect() as conn:
+            tables = set(sa.inspect(conn).get_table_names())
+            current = (
+                conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+                if "alembic_version" in tables
+                else None
+            )
+        if (current is None and tables) or (current is not None and "events" not in tables):
+            raise JournalError(
+                f"journal {self.url} is not a studio-engine journal "
+                f"(tables: {', '.join(sorted(tables)) or 'none'}; no events table or no schema "
+                "revision); refusing to write to it"
+            )
+        if self.is_sqlite:
+            with self.engine.connect() as conn:  # persistent in the file: a no-op once set
+                if conn.exec_driver_sql("PRAGMA journal_mode").scalar() != "wal":
+                    conn.exec_driver_sql("PRAGMA journal_mode = WAL")
         if current == HEAD_REVISION:
             return  # the common case: no Alembic import, no script scan
         if current is not None and current not in KNOWN_REVISIONS:
@@ -574,8 +600,7 @@ def _install_sqlite_pragmas(
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        if not read_only:  # switching to WAL writes the file header
-            cursor.execute("PRAGMA journal_mode = WAL")
+        if not read_only:  # (WAL mode is set once, by _upgrade, after the file proved ours)
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
         cursor.close()
 

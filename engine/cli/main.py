@@ -11,8 +11,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from engine.adapters.binary import ServerBinaryError
-from engine.adapters.journal import Journal, JournalError
+from engine.adapters.journal import CorruptJournal, Journal, JournalError
 from engine.cli.timeline import parse_until, print_timeline, read_steps
+from engine.core.errors import EngineError
 from engine.core.events import Event, is_slot_stream
 from engine.core.snapshot import SnapshotError
 from engine.core.snapshot import decode as decode_snapshot
@@ -65,7 +66,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Replay every slot and check the contract's invariants; 1 on a violation."""
     from engine.core.postmortem import analyse
 
-    journal = Journal.open(args.journal, create=False)
+    journal = Journal.open(args.journal, create=False, read_only=True)
     problems: list[str] = []
     try:
         streams = [s for s in journal.streams() if is_slot_stream(s)]  # not @hub-probes
@@ -181,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="print a slot's timeline replayed from the journal")
     replay.add_argument("journal", help="journal file path or SQLAlchemy URL")
     replay.add_argument("--slot", default="default")
-    replay.add_argument("--until", help="stop after this sequence number or ISO time")
+    replay.add_argument(
+        "--until", help="stop after this sequence number or ISO time (UTC unless it says)"
+    )
     replay.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     replay.set_defaults(func=cmd_replay)
 
@@ -203,8 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     postmortem.add_argument("journal", help="journal file path or SQLAlchemy URL")
     postmortem.add_argument("--slot", default="default")
-    postmortem.add_argument("--since", help="from this sequence number or ISO time (UTC)")
-    postmortem.add_argument("--until", help="up to this sequence number or ISO time (UTC)")
+    postmortem.add_argument(
+        "--since", help="from this sequence number or ISO time (UTC unless it says)"
+    )
+    postmortem.add_argument(
+        "--until", help="up to this sequence number or ISO time (UTC unless it says)"
+    )
     postmortem.add_argument(
         "--health-wait",
         type=float,
@@ -238,8 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (JournalError, ServerBinaryError, argparse.ArgumentTypeError) as exc:
-        print(f"studio-engine: error: {exc}", file=sys.stderr)
+    except CorruptJournal as exc:
+        print(f"studio-engine: error: {exc.naming(args.journal)}", file=sys.stderr)
+        return 2
+    except (JournalError, EngineError, ServerBinaryError, argparse.ArgumentTypeError) as exc:
+        # One line, whatever the journal holds: a reader wants the file and the event #seq.
+        message = " ".join(str(exc).split())
+        print(f"studio-engine: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from datetime import datetime
+from datetime import UTC, datetime
 
 from engine.adapters.journal import Journal, JournalError
 from engine.core.events import is_slot_stream
@@ -17,15 +17,17 @@ def parse_until(text: str | None) -> Until:
     if text.isdigit():
         return int(text)
     try:
-        return datetime.fromisoformat(text)
+        moment = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--until takes a sequence number or an ISO time, not {text!r}"
         ) from None
+    # A time without a zone is UTC, as everywhere in studio-engine (the timelines print UTC).
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def read_steps(journal_path: str, slot: str, until: Until) -> list[Step]:
-    journal = Journal.open(journal_path, create=False)
+    journal = Journal.open(journal_path, create=False, read_only=True)
     try:
         if slot not in journal.streams():
             known = ", ".join(s for s in journal.streams() if is_slot_stream(s)) or "none"
