@@ -71,7 +71,7 @@ def _nan_at(path: Path) -> None:
     _sql(
         path,
         "UPDATE events SET payload = json_set(payload, '$.at', 'x') WHERE version = 2",
-        "UPDATE events SET payload = replace(payload, '\"at\":\"x\"', '\"at\":NaN') "
+        'UPDATE events SET payload = replace(payload, \'"at":"x"\', \'"at":NaN\') '
         "WHERE version = 2",
     )
 
@@ -120,7 +120,9 @@ def test_bad_journal_is_one_line_exit_2_and_untouched(
     assert _digest(path) == before, (kind, "Engine.open")
 
 
-def test_bad_event_names_its_seq(pristine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_event_names_its_seq(
+    pristine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "journal.db"
     shutil.copy(pristine, path)
     _text_at(path)
