@@ -138,8 +138,9 @@ class Engine:
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self._closed = False
-        # Set when the journal refused a write: the slot's truth (a process killed or left
-        # running) is not journaled yet. The next call, or the monitor, reconciles it first.
+        # Set when the journal refused a write in the middle of a load or unload: the slot's
+        # truth (a process killed or left running) is not journaled yet. The next call, or
+        # the monitor, reconciles it first. (A refused `crashed` is simply retried.)
         self._unreconciled = False
 
     # --- opening and closing -----------------------------------------------------------------
@@ -264,11 +265,7 @@ class Engine:
             if every and after.version // every != before.version // every:
                 # Same transaction as the events: costs one encode per `every` events.
                 snapshot = (after.version, after.updated_at or 0.0, encode_snapshot(after))
-            try:
-                self.journal.append(self.slot, before.version, events, snapshot, durable=durable)
-            except JournalUnavailable:
-                self._unreconciled = True
-                raise
+            self.journal.append(self.slot, before.version, events, snapshot, durable=durable)
             self._state = after
         for event, state in zip(events, states, strict=True):
             for observer in self._observers:
@@ -385,8 +382,12 @@ class Engine:
         self._cancel_all("unload requested")
         with self._serial:
             self._reconcile()
-            self._emit_all(decide(Unload(at=self.effects.now()), self._state))
-            self._drive(token=None)
+            try:
+                self._emit_all(decide(Unload(at=self.effects.now()), self._state))
+                self._drive(token=None)
+            except JournalUnavailable:
+                self._unreconciled = True  # a kill may have happened that is not journaled
+                raise
 
     def cancel(self, reason: str = "cancelled by user") -> None:
         """Cancel every load in flight or queued; each journals how it ended."""
@@ -444,6 +445,7 @@ class Engine:
         except JournalUnavailable:
             # Nothing more can be journaled now; any process this load started and could not
             # journal is dead already (steps.spawn). The next call reconciles the slot.
+            self._unreconciled = True
             raise
         except Cancelled as stop:
             return self._abort(flight.load_id, "cancelled", stop.reason)
