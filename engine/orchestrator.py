@@ -59,7 +59,21 @@ log = logging.getLogger("studio-engine")
 KILL_GRACE_S = 5.0
 HEALTH_TIMEOUT_S = 600.0
 MONITOR_INTERVAL_S = 0.25
-MONITOR_MAX_BACKOFF_S = 0.5  # a journal that is writable again hears of a crash within 1 s
+MONITOR_MAX_BACKOFF_S = 0.5
+# Events appended without an fsync of their own (Journal.append(durable=False)): they change no
+# process, or record a change recovery re-establishes from the process table anyway. Each is
+# followed by a durable event (or a clean close) whose sync covers it; a power cut can lose
+# only such a tail, never a write-ahead intent (kill_started, spawn_started, spawned).
+UNSYNCED_EVENTS = frozenset(
+    {
+        "load_short_circuited",
+        "load_joined",
+        "load_superseded",
+        "unload_requested",
+        "process_exited",
+        "unloaded",
+    }
+)  # a journal that is writable again hears of a crash within 1 s
 
 
 @dataclass
@@ -246,9 +260,11 @@ class Engine:
 
     # --- the journal: the only way state changes ---------------------------------------------
 
-    def emit(self, *events: ev.Event, durable: bool = True) -> SlotState:
-        """Journal `events` and publish the state after them. `durable=False` for events that
-        change no process (see Journal.append): they do not wait for an fsync of their own."""
+    def emit(self, *events: ev.Event, durable: bool | None = None) -> SlotState:
+        """Journal `events` and publish the state after them. Unless `durable` says, they are
+        fsynced unless all of them are UNSYNCED_EVENTS."""
+        if durable is None:
+            durable = not all(event.type in UNSYNCED_EVENTS for event in events)
         with self._state_lock:
             before = self._state
             states = []
@@ -413,8 +429,7 @@ class Engine:
         self.emit(
             ev.LoadJoined(
                 at=self.effects.now(), load_id=_new_load_id(), joined_load_id=joined.load_id
-            ),
-            durable=False,  # changes no process
+            )
         )
         result = joined.result.result()
         return LoadResult(**{**_fields(result), "joined": True})
@@ -428,18 +443,16 @@ class Engine:
                     load_id=flight.load_id,
                     spec=flight.spec,
                     reason=flight.token.reason,
-                ),
-                durable=False,  # changes no process
+                )
             )
             return LoadResult(
                 "cancelled", flight.load_id, self._state.state, error=flight.token.reason
             )
         command = Load(flight.load_id, flight.spec, self.effects.now())
         events = decide(command, self._state)
-        if isinstance(events[0], ev.LoadShortCircuited):
-            self.emit(*events, durable=False)  # changes no process
-            return self._result(flight.load_id, "already_loaded")
         self._emit_all(events)
+        if isinstance(events[0], ev.LoadShortCircuited):
+            return self._result(flight.load_id, "already_loaded")
         try:
             self._drive(flight.token)
         except JournalUnavailable:

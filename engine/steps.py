@@ -51,8 +51,9 @@ class Slot(Protocol):
     @property
     def state(self) -> SlotState: ...
 
-    def emit(self, *events: ev.Event) -> SlotState:
-        """Validate the events against the machine, journal them, publish the new state."""
+    def emit(self, *events: ev.Event, durable: bool | None = None) -> SlotState:
+        """Validate the events against the machine, journal them, publish the new state
+        (fsynced unless they are all orchestrator.UNSYNCED_EVENTS, or `durable` says)."""
         ...
 
     def hf_token(self, load_id: str) -> SecretStr | None: ...

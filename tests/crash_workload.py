@@ -35,7 +35,7 @@ class CrashingEngine(Engine):
     after_kind = os.environ.get("CRASH_AFTER_KIND")
     emitted = 0
 
-    def emit(self, *events: ev.Event, durable: bool = True) -> SlotState:
+    def emit(self, *events: ev.Event, durable: bool | None = None) -> SlotState:
         state = super().emit(*events, durable=durable)
         for event in events:
             CrashingEngine.emitted += 1

@@ -143,6 +143,8 @@ class ProcessManager:
 
     def marked_processes(self, prefix: str) -> list[tuple[int, float, str]]:
         """(pid, create_time, marker) of every live process whose marker starts with `prefix`."""
+        if os.path.isdir("/proc/self"):
+            return _scan_proc(prefix)
         found = []
         for proc in psutil.process_iter(["pid", "create_time"]):
             try:
@@ -155,6 +157,34 @@ class ProcessManager:
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
         return found
+
+
+def _scan_proc(prefix: str) -> list[tuple[int, float, str]]:
+    """`marked_processes` on Linux: read each /proc/<pid>/environ directly and ask psutil only
+    about the matches (psutil per process costs ~100x more, and open scans every process)."""
+    needle = f"{MARKER_ENV}={prefix}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as source:
+                environ = source.read()
+        except OSError:  # gone, a kernel thread, or someone else's
+            continue
+        start = environ.find(needle)
+        if start < 0 or (start and environ[start - 1] != 0):
+            continue
+        end = environ.find(b"\0", start)
+        marker = environ[start + len(MARKER_ENV) + 1 : end if end >= 0 else None].decode()
+        try:
+            proc = psutil.Process(int(name))
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            found.append((proc.pid, proc.create_time(), marker))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
 
 
 def _block_until_exit(pid: int, timeout: float) -> None:
