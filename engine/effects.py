@@ -148,6 +148,11 @@ class Effects(Protocol):
         """Free VRAM + available RAM now, plus what killing `releasing` gives back."""
         ...
 
+    def identity(self, pid: int) -> tuple[str, int] | None:
+        """(boot id, start time in clock ticks since boot) of a live pid; None where the
+        platform has no such thing (then create_time is the identity)."""
+        ...
+
     def marked_processes(self, journal_id: str) -> list[tuple[int, float, str]]:
         """(pid, create_time, marker) of live processes carrying this journal's marker."""
         ...

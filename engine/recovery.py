@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from engine import steps
 from engine.adapters.health import await_health
-from engine.adapters.process import CREATE_TIME_SLACK
 from engine.core import events as ev
 from engine.core.errors import EngineError
 from engine.core.state import ServerProcess
@@ -53,12 +52,10 @@ def recover(engine: Slot) -> None:
 
     ours = None
     if process is not None:
+        # Identity (boot id + start ticks where journaled) decides, never a wall-clock time.
+        alive = bool(process.pid) and fx.exit_status(process) is None
         for pid, create_time, marker in marked:
-            same_pid = (
-                process.pid
-                and pid == process.pid
-                and (abs(create_time - process.create_time) <= CREATE_TIME_SLACK)
-            )
+            same_pid = alive and pid == process.pid
             if same_pid or (not process.pid and marker == process.marker):
                 ours = (pid, create_time, marker)
     # Orphans first: at no instant may two of our servers run for this slot. The descendants
@@ -73,14 +70,28 @@ def recover(engine: Slot) -> None:
         engine.emit(ev.ProcessExited(at=now(), pid=process.pid))  # gone while we were down
     if process is not None and ours is not None:
         pid, create_time, marker = ours
+        identity = fx.identity(pid)
         live = ServerProcess(
-            pid, create_time, process.port, process.load_id, marker, process.log_path
+            pid,
+            create_time,
+            process.port,
+            process.load_id,
+            marker,
+            process.log_path,
+            start_ticks=identity[1] if identity else None,
+            boot_id=identity[0] if identity else None,
         )
         timeout = READY_HEALTH_TIMEOUT_S if origin == "ready" else engine.settings.health_timeout
         adoptable = origin in ("resolving", "spawning", "warming", "ready")
         if adoptable and _healthy(engine, live, timeout):
             engine.emit(
-                ev.RecoveryAdopted(at=now(), pid=pid, create_time=create_time),
+                ev.RecoveryAdopted(
+                    at=now(),
+                    pid=pid,
+                    create_time=create_time,
+                    start_ticks=live.start_ticks,
+                    boot_id=live.boot_id,
+                ),
                 ev.RecoveryFinished(
                     at=now(), summary=f"adopted healthy llama-server pid {pid}{dropped}"
                 ),

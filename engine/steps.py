@@ -202,8 +202,16 @@ def spawn(engine: Slot, token: CancelToken) -> None:
     )
     pid, create_time = effects.spawn(argv, marker, log_path)
     try:
+        identity = effects.identity(pid)
         engine.emit(
-            ev.Spawned(at=effects.now(), load_id=pending.load_id, pid=pid, create_time=create_time)
+            ev.Spawned(
+                at=effects.now(),
+                load_id=pending.load_id,
+                pid=pid,
+                create_time=create_time,
+                boot_id=identity[0] if identity else None,
+                start_ticks=identity[1] if identity else None,
+            )
         )
     except BaseException:
         # Every process the engine starts is journaled or dead: the journal refused the pid,

@@ -102,6 +102,9 @@ class FakeEffects:
     def memory_budget(self, releasing: ServerProcess | None) -> MemoryBudget:
         return MemoryBudget(free_vram_bytes=0, available_ram_bytes=self.available_ram)
 
+    def identity(self, pid: int) -> tuple[str, int] | None:
+        return None  # no /proc here: create_time is the identity
+
     def marked_processes(self, journal_id: str) -> list[tuple[int, float, str]]:
         return []
 

@@ -67,6 +67,9 @@ leases_table = sa.Table(
     sa.Column("acquired_at", sa.Float(precision=53), nullable=False),
     sa.Column("heartbeat_at", sa.Float(precision=53), nullable=False),
     sa.Column("expires_at", sa.Float(precision=53), nullable=False),
+    # Migration 0003: None in rows written by an older engine.
+    sa.Column("pid_namespace", sa.String(64), nullable=True),
+    sa.Column("start_ticks", sa.BigInteger, nullable=True),
 )
 
 # The journal's own random id (migration 0003): markers, run folders and leases name it.

@@ -1,8 +1,10 @@
-"""llama-server processes: spawn with a marker, identify by (pid, create_time), kill the tree.
+"""llama-server processes: spawn with a marker, identify by (pid, start), kill the tree.
 
 * The server gets its own session (`start_new_session`) and writes straight to a log file, so
   it survives the backend's death and recovery can adopt it — no pipe drained by a thread.
-* Identity is (pid, create_time): a reused pid is never signalled.
+* Identity: on Linux (boot id, start time in clock ticks since boot, /proc/<pid>/stat field
+  22), which no wall-clock step (NTP, VM resume) can move; psutil's create_time elsewhere
+  (and for journals written before). A reused pid is never signalled.
 * An environment marker (journal id, slot, load id) tells our servers from a user's own.
 * A kill reaches the whole tree: the process group when the server leads one (ours always
   do), else the process and its descendants (a wrapper script's server, an adopted child);
@@ -19,7 +21,8 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import cache
 from pathlib import Path
 
 import psutil
@@ -30,6 +33,32 @@ from engine.effects import Exited
 MARKER_ENV = "STUDIO_ENGINE_MARKER"
 TAIL_LINES = 50
 CREATE_TIME_SLACK = 0.01  # psutil rounds create_time differently across calls on some kernels
+
+
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@cache
+def boot_id() -> str:
+    """This boot of this host (Linux: the kernel's random boot id)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as source:
+            return source.read().strip()
+    except OSError:  # not Linux: the boot time identifies the boot just as well
+        return f"boot-{psutil.boot_time():.0f}"
+
+
+def start_ticks(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (field 22 of /proc/<pid>/stat); None when
+    there is no such process or no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as source:
+            data = source.read()
+    except OSError:
+        return None
+    # Field 2 (the command name) may hold spaces and parentheses: count after the last ")".
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[19])  # fields[0] is field 3
 
 
 def make_marker(journal_id: str, slot: str, load_id: str) -> str:
@@ -44,8 +73,16 @@ def same_identity(proc: psutil.Process, create_time: float) -> bool:
 
 
 class ProcessManager:
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str] | None = None,
+        *,
+        boot_time: Callable[[], float] = psutil.boot_time,
+    ) -> None:
         self._env = dict(env or {})
+        # The wall-clock time of boot, as the kernel derives it now: it moves when the clock
+        # steps. Injectable so a test can step it; identity never depends on it.
+        self._boot_time = boot_time
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._descendants: dict[int, list[psutil.Process]] = {}  # signalled one by one
         self._lock = threading.Lock()
@@ -68,10 +105,31 @@ class ProcessManager:
         with self._lock:
             self._children[child.pid] = child
         try:
-            create_time = psutil.Process(child.pid).create_time()
+            create_time = self.create_time(child.pid)
         except psutil.NoSuchProcess:  # died instantly; still a process we must account for
             create_time = 0.0
         return child.pid, create_time
+
+    def create_time(self, pid: int) -> float:
+        """Wall-clock start time, for people and for journals without ticks."""
+        ticks = start_ticks(pid)
+        if ticks is None:
+            return float(psutil.Process(pid).create_time())
+        return self._boot_time() + ticks / CLOCK_TICKS_PER_S
+
+    def identity(self, pid: int) -> tuple[str, int] | None:
+        """(boot id, start ticks) of a live pid on Linux, else None."""
+        ticks = start_ticks(pid)
+        return None if ticks is None else (boot_id(), ticks)
+
+    def is_same(self, process: ServerProcess) -> bool:
+        """Whether `process.pid` still is the process the journal recorded."""
+        if process.start_ticks is not None and process.boot_id is not None:
+            return process.boot_id == boot_id() and start_ticks(process.pid) == process.start_ticks
+        try:
+            return abs(self.create_time(process.pid) - process.create_time) <= CREATE_TIME_SLACK
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            return False
 
     def exit_status(self, process: ServerProcess) -> Exited | None:
         with self._lock:
@@ -83,11 +141,10 @@ class ProcessManager:
             with self._lock:
                 self._children.pop(process.pid, None)
             return Exited(returncode)
+        if not self.is_same(process):
+            return Exited(None)  # gone, or the pid now belongs to someone else
         try:
-            proc = psutil.Process(process.pid)
-            if not same_identity(proc, process.create_time):
-                return Exited(None)  # the pid now belongs to someone else
-            if proc.status() == psutil.STATUS_ZOMBIE:
+            if psutil.Process(process.pid).status() == psutil.STATUS_ZOMBIE:
                 return Exited(None)
         except psutil.NoSuchProcess:
             return Exited(None)
@@ -144,7 +201,7 @@ class ProcessManager:
     def marked_processes(self, prefix: str) -> list[tuple[int, float, str]]:
         """(pid, create_time, marker) of every live process whose marker starts with `prefix`."""
         if os.path.isdir("/proc/self"):
-            return _scan_proc(prefix)
+            return _scan_proc(prefix, self.create_time)
         found = []
         for proc in psutil.process_iter(["pid", "create_time"]):
             try:
@@ -159,7 +216,7 @@ class ProcessManager:
         return found
 
 
-def _scan_proc(prefix: str) -> list[tuple[int, float, str]]:
+def _scan_proc(prefix: str, create_time: Callable[[int], float]) -> list[tuple[int, float, str]]:
     """`marked_processes` on Linux: read each /proc/<pid>/environ directly and ask psutil only
     about the matches (psutil per process costs ~100x more, and open scans every process)."""
     needle = f"{MARKER_ENV}={prefix}".encode()
@@ -181,7 +238,7 @@ def _scan_proc(prefix: str) -> list[tuple[int, float, str]]:
             proc = psutil.Process(int(name))
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
-            found.append((proc.pid, proc.create_time(), marker))
+            found.append((proc.pid, create_time(proc.pid), marker))
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found

@@ -6,9 +6,10 @@ import hashlib
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import psutil
 from pydantic import SecretStr
 
 from engine.adapters import process as proc
@@ -27,10 +28,17 @@ from engine.effects import CancelToken, DownloadListener, Exited, Health
 
 
 class RealEffects:
-    def __init__(self, binary: ServerBinary, run_dir: Path, journal: Journal | None = None) -> None:
+    def __init__(
+        self,
+        binary: ServerBinary,
+        run_dir: Path,
+        journal: Journal | None = None,
+        *,
+        boot_time: Callable[[], float] = psutil.boot_time,  # a test steps the clock with it
+    ) -> None:
         self.binary = str(binary.path)
         self.run_dir = run_dir
-        self.processes = proc.ProcessManager(binary.env)
+        self.processes = proc.ProcessManager(binary.env, boot_time=boot_time)
         self._health = HealthClient()
         self._vram = NvmlProbe()
         self.hub = Hub(journal)  # the journal keeps the hub probe cache across restarts
@@ -98,6 +106,9 @@ class RealEffects:
 
     def memory_budget(self, releasing: ServerProcess | None) -> MemoryBudget:
         return memory_budget(self._vram, releasing)
+
+    def identity(self, pid: int) -> tuple[str, int] | None:
+        return self.processes.identity(pid)
 
     def marked_processes(self, journal_id: str) -> list[tuple[int, float, str]]:
         return self.processes.marked_processes(journal_id + "/")

@@ -227,6 +227,9 @@ class Spawned(BaseEvent):
     type: Literal["spawned"] = "spawned"
     pid: int
     create_time: float
+    # Linux process identity, immune to wall-clock steps (None in journals written before it).
+    start_ticks: int | None = None
+    boot_id: str | None = None
 
 
 class HealthPassed(BaseEvent):
@@ -268,6 +271,8 @@ class RecoveryAdopted(BaseEvent):
     type: Literal["recovery_adopted"] = "recovery_adopted"
     pid: int
     create_time: float
+    start_ticks: int | None = None
+    boot_id: str | None = None
 
 
 class OrphanKilled(BaseEvent):

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from engine import Engine, JournalUnavailable, LoadRequest
 from engine.adapters.binary import locate_server
 from engine.adapters.process import ProcessManager
+from engine.adapters.runtime import RealEffects
 from engine.cli.main import main as cli_main
 from engine.core import events as ev
 from engine.core.state import SlotState
@@ -255,6 +256,40 @@ def test_one_journal_spelled_two_ways_adopts_its_own_server(
     finally:
         again.close()
     _verify_ok(journal, capsys)
+
+
+def test_clock_step_neither_crashes_nor_kills_a_healthy_server(
+    journal_path: Path, tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    step = [0.0]
+
+    def boot_time() -> float:  # what the kernel says now: it moves when the clock steps
+        return psutil.boot_time() + step[0]
+
+    def effects() -> RealEffects:
+        return RealEffects(locate_server(), tmp_path / "run", boot_time=boot_time)
+
+    engine = Engine.open(journal_path, effects=effects())
+    try:
+        assert engine.load(LoadRequest(model_path=str(tiny_model))).status == "loaded"
+        pid = engine.status().pid
+        step[0] = 3600.0  # NTP / VM resume: the wall clock jumps an hour
+        time.sleep(0.6)  # the crash monitor looks twice meanwhile
+        assert engine.state.state == "ready", engine.state.last_error
+    finally:
+        engine.close(keep_server=True)
+    step[0] = -7200.0
+    again = Engine.open(journal_path, effects=effects())
+    try:
+        assert again.status().state == "ready" and again.status().pid == pid  # adopted
+        assert len(marked_servers(again)) == 1
+        assert [e.type for e in _events(journal_path)][-2:] == [
+            "recovery_adopted",
+            "recovery_finished",
+        ]
+    finally:
+        again.close()
+    _verify_ok(journal_path, capsys)
 
 
 def _events(journal: Path) -> list[ev.Event]:
