@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from engine.adapters.journal import JournalError
 from engine.cli.main import main as cli_main
-from engine.core.errors import EngineError
+from engine.core.errors import EngineError, JournalBusy
 from engine.core.request import LoadRequest
 from engine.orchestrator import Engine
 from tests.fakes import FakeEffects
@@ -155,3 +156,24 @@ def test_naive_until_is_utc(pristine: Path, capsys: pytest.CaptureFixture[str]) 
     assert "0 events" in capsys.readouterr().out
     assert cli_main(["replay", str(pristine), "--until", "2027-01-15T08:00:01"]) == 0
     assert "0 events" not in capsys.readouterr().out
+
+
+def test_held_lock_at_open_is_journal_busy_in_one_line(
+    pristine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "journal.db"
+    shutil.copy(pristine, path)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        started = time.monotonic()
+        with pytest.raises(JournalBusy) as busy:
+            Engine.open(path, effects=FakeEffects(), monitor=False, busy_timeout=0.2)
+        assert time.monotonic() - started < 3
+        message = str(busy.value)
+        assert "\n" not in message and str(path) in message and "locked" in message
+        assert cli_main(["verify", str(path)]) == 0  # readers never need the lock
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    Engine.open(path, effects=FakeEffects(), monitor=False).close()
