@@ -230,14 +230,20 @@ class Engine:
         if self._monitor is not None:
             self._monitor.join()
         try:
-            if not keep_server:
-                self._unload()
-            else:
-                self._cancel_all("engine closed")
-            # Loads queued before close() journal how they ended before the journal closes.
-            with self._state_lock:
-                queued = [flight.result for flight in self._flights]
-            wait_futures(queued)
+            try:
+                if not keep_server:
+                    self._unload()
+                else:
+                    self._cancel_all("engine closed")
+            except JournalUnavailable:
+                if not keep_server:
+                    self._stop_server_unjournaled()
+                raise
+            finally:
+                # Loads queued before close() journal how they ended before the journal closes.
+                with self._state_lock:
+                    queued = [flight.result for flight in self._flights]
+                wait_futures(queued)
             state = self._state
             if self._snapshot_every and state.version and not (self._lease and self._lease.lost):
                 # The next open (the common restart) then replays nothing at all.
@@ -248,9 +254,22 @@ class Engine:
             close = getattr(self.effects, "close", None)
             if close is not None:
                 close()
-            if self._lease is not None:
-                self._lease.release()
+            try:
+                if self._lease is not None:
+                    self._lease.release()
+            except Exception as exc:  # it expires on its own; the journal must still close
+                log.warning("slot %r: could not release the lease: %s", self.slot, exc)
             self.journal.close()
+
+    def _stop_server_unjournaled(self) -> None:
+        """close() with a journal that refuses writes: nothing may be left running, even if
+        the journal cannot say so yet (the next open finds the pid gone and journals that)."""
+        process = self._state.process
+        if process is None or not process.pid or self.effects.exit_status(process) is not None:
+            return
+        grace = self.settings.kill_grace
+        if self.effects.terminate(process, grace) is None:
+            self.effects.kill(process, grace)
 
     def __enter__(self) -> Engine:
         return self

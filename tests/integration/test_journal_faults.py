@@ -26,6 +26,7 @@ from engine.adapters.runtime import RealEffects
 from engine.cli.main import main as cli_main
 from engine.core import events as ev
 from engine.core.state import SlotState
+from tests.conftest import run_sql
 from tests.integration.conftest import marked_servers
 
 pytestmark = pytest.mark.server
@@ -142,6 +143,27 @@ def test_monitor_survives_a_held_lock_and_journals_the_crash(
         engine.close()
         lock.close()
     assert not marked_servers(engine)
+    _verify_ok(journal_path, capsys)
+
+
+def test_close_under_a_held_lock_leaves_nothing_running(
+    journal_path: Path, tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = Engine.open(journal_path, run_dir=tmp_path / "run", busy_timeout=0.2)
+    lock = HeldLock(journal_path)
+    try:
+        assert engine.load(LoadRequest(model_path=str(tiny_model))).status == "loaded"
+        lock.hold()
+        with pytest.raises(JournalUnavailable):
+            engine.close()
+        assert not marked_servers(engine)
+    finally:
+        lock.close()
+    # The lease could not be released either; a restarted backend would find its holder dead,
+    # but this test process still lives, so drop it as that restart would.
+    run_sql(journal_path, "DELETE FROM leases")
+    again = Engine.open(journal_path, run_dir=tmp_path / "run")  # journals the pid as gone
+    again.close()
     _verify_ok(journal_path, capsys)
 
 
