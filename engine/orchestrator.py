@@ -59,7 +59,7 @@ log = logging.getLogger("studio-engine")
 KILL_GRACE_S = 5.0
 HEALTH_TIMEOUT_S = 600.0
 MONITOR_INTERVAL_S = 0.25
-MONITOR_MAX_BACKOFF_S = 0.5
+MONITOR_MAX_BACKOFF_S = 0.5  # a journal that is writable again hears of a crash within 1 s
 # Events appended without an fsync of their own (Journal.append(durable=False)): they change no
 # process, or record a change recovery re-establishes from the process table anyway. Each is
 # followed by a durable event (or a clean close) whose sync covers it; a power cut can lose
@@ -73,7 +73,7 @@ UNSYNCED_EVENTS = frozenset(
         "process_exited",
         "unloaded",
     }
-)  # a journal that is writable again hears of a crash within 1 s
+)
 
 
 @dataclass
@@ -102,8 +102,8 @@ def default_run_dir(journal: Journal) -> Path:
 
 
 def journal_id(journal: Journal) -> str:
-    """The random id stored in the journal (migration 0003): how markers, run folders and
-    leases name it, however its URL is spelled."""
+    """The random id stored in the journal (migration 0003): how markers and run folders
+    name it, however its URL is spelled."""
     if journal.identity is None:  # only a read-only open of a pre-0003 journal lacks one
         raise EngineError(f"journal {journal.url} has no identity; run `studio-engine db upgrade`")
     return journal.identity
@@ -280,8 +280,8 @@ class Engine:
     # --- the journal: the only way state changes ---------------------------------------------
 
     def emit(self, *events: ev.Event, durable: bool | None = None) -> SlotState:
-        """Journal `events` and publish the state after them. Unless `durable` says, they are
-        fsynced unless all of them are UNSYNCED_EVENTS."""
+        """Journal `events` and publish the state after them. They are fsynced unless they are
+        all UNSYNCED_EVENTS (`durable` overrides)."""
         if durable is None:
             durable = not all(event.type in UNSYNCED_EVENTS for event in events)
         with self._state_lock:

@@ -72,7 +72,7 @@ leases_table = sa.Table(
     sa.Column("start_ticks", sa.BigInteger, nullable=True),
 )
 
-# The journal's own random id (migration 0003): markers, run folders and leases name it.
+# The journal's own random id (migration 0003): markers and run folders name it.
 identity_table = sa.Table(
     "journal_identity",
     metadata,
