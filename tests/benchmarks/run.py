@@ -235,6 +235,16 @@ def bench_kill(folder: Path, rounds: int) -> None:
                 pass
             time.sleep(0.001)
 
+    def bare_stop(proc: subprocess.Popen[bytes]) -> None:
+        # Like the engine: SIGTERM, then SIGKILL after a grace. llama-server can miss a SIGTERM
+        # that lands right after its first healthy answer (it then never exits on its own).
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
     unload, bare_kill, reload, bare_reload = [], [], [], []
     try:
         for _ in range(rounds):
@@ -252,18 +262,15 @@ def bench_kill(folder: Path, rounds: int) -> None:
 
             bare = bare_start(argv)
             t = time.perf_counter()
-            bare.terminate()
-            bare.wait()
+            bare_stop(bare)
             bare_kill.append(time.perf_counter() - t)
 
             bare = bare_start(argv)
             t = time.perf_counter()
-            bare.terminate()
-            bare.wait()
+            bare_stop(bare)
             bare = bare_start(argv, ctx="768")
             bare_reload.append(time.perf_counter() - t)
-            bare.terminate()
-            bare.wait()
+            bare_stop(bare)
     finally:
         client.close()
         engine.close()
