@@ -330,7 +330,7 @@ class Engine:
         """After a refused journal write, journal the truth first (caller holds the slot):
         recovery compares the journal with the process table, as on open."""
         if self._unreconciled:
-            recover(self)
+            recover(self, cause="a journal write failure")
             self._unreconciled = False
 
     def progress(self) -> DownloadProgress | None:

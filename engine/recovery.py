@@ -27,7 +27,9 @@ def _owned_by_slot(marker: str, journal_id: str, slot: str) -> bool:
     return owner == f"{journal_id}/{slot}" and bool(load_id)
 
 
-def recover(engine: Slot) -> None:
+def recover(engine: Slot, *, cause: str = "backend crash") -> None:
+    """Reconcile; `cause` says what interrupted the slot (a backend crash on open, a refused
+    journal write when the engine reconciles itself)."""
     state = engine.state
     fx = engine.effects
     now = fx.now
@@ -45,7 +47,7 @@ def recover(engine: Slot) -> None:
     engine.emit(ev.RecoveryStarted(at=now(), previous_state=state.state))
     pending = state.pending
     dropped = (
-        f"; load {pending.load_id} interrupted by backend crash (in {origin}) dropped"
+        f"; load {pending.load_id} interrupted by {cause} (in {origin}) dropped"
         if pending is not None and origin in ("resolving", "killing")
         else ""
     )
@@ -116,7 +118,7 @@ def recover(engine: Slot) -> None:
     elif origin == "ready":
         reason = "llama-server was gone when the backend restarted"
     else:
-        reason = f"load interrupted by backend crash (in {origin})"
+        reason = f"load interrupted by {cause} (in {origin})"
     engine.emit(
         ev.LoadFailed(at=now(), load_id=pending.load_id if pending else None, error=reason),
         ev.RecoveryFinished(at=now(), summary=reason),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import EngineClosed, LoadRequest
+from engine import EngineClosed, EngineError, JournalUnavailable, LoadRequest
 from engine.adapters.journal import Journal
 from engine.cli.main import main as cli_main
 from engine.core import events as ev
@@ -134,3 +134,31 @@ def test_short_circuit_and_join_skip_the_fsync_and_state_changes_do_not(
     finally:
         journal.close()
     assert "load_short_circuited" in kinds and kinds[-1] == "unloaded"
+
+
+def test_monitor_outlives_any_journal_error_and_catches_up(
+    journal_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    effects = FakeEffects()
+    engine = Engine.open(journal_path, effects=effects)  # with its crash monitor
+    try:
+        assert engine.load(LoadRequest(model_path=_model(tmp_path, "a.gguf"))).status == "loaded"
+        append = engine.journal.append
+        failures = [JournalUnavailable("disk full"), EngineError("lease lost"), OSError("EIO")]
+
+        def flaky(*args: object, **kwargs: object) -> None:
+            if failures:
+                raise failures.pop(0)
+            append(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(engine.journal, "append", flaky)
+        pid = engine.status().pid
+        assert pid is not None
+        effects.die(pid)
+        deadline = time.monotonic() + 5
+        while engine.state.state != "crashed" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not failures and engine.state.state == "crashed"
+        assert engine._monitor is not None and engine._monitor.is_alive()
+    finally:
+        engine.close()
