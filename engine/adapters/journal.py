@@ -163,7 +163,8 @@ class Journal:
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._write_lock = threading.Lock()
         self._writer: Connection | None = None
-        self._lazy_writer: Connection | None = None  # appends that need no fsync of their own
+        self._writer_syncs = True  # whether the writer's commits fsync now (SQLite)
+        self.synchronous = "FULL"  # the level durable appends commit at (SQLite)
         self._insert = events_table.insert()
         self.identity: str | None = None
         self.read_only = False
@@ -228,6 +229,7 @@ class Journal:
         journal = cls(engine, shown)
         journal.read_only = read_only
         journal.busy_timeout = busy_timeout
+        journal.synchronous = synchronous.upper()
         try:
             with journal.guard("open"):
                 if read_only:
@@ -331,11 +333,11 @@ class Journal:
         self.engine.dispose()
 
     def _drop_writers(self) -> None:
-        for conn in (self._writer, self._lazy_writer):
-            if conn is not None and not conn.closed:
-                with suppress(DBAPIError):  # never back into the pool: it may be synchronous=OFF
-                    conn.invalidate()
-        self._writer = self._lazy_writer = None
+        conn = self._writer
+        if conn is not None and not conn.closed:
+            with suppress(DBAPIError):  # never back into the pool: it may be synchronous=OFF
+                conn.invalidate()
+        self._writer = None
 
     # --- writing ------------------------------------------------------------------------
 
@@ -354,10 +356,11 @@ class Journal:
         snapshot never exists for events that did not commit.
 
         `durable=False` (events that change no process: a short-circuit, a join) commits
-        without waiting for fsync. It is still ordered: SQLite in WAL mode appends every
-        commit to one log in commit order, and the next durable commit syncs the log up to its
-        end (so the earlier frames too); PostgreSQL's `synchronous_commit = off` has the same
-        guarantee. A crash can lose only such a tail of no-op events, never a gap.
+        without waiting for fsync (SQLite: `synchronous=OFF` for that commit; PostgreSQL:
+        `SET LOCAL synchronous_commit = off`). It is still ordered: SQLite in WAL mode appends
+        every commit to one log in commit order, and the next durable commit syncs the log up
+        to its end (so the earlier frames too); PostgreSQL's WAL flush works the same way. A
+        power cut can lose only such a tail of events, never a gap.
 
         A transient refusal (lock held past the busy timeout, a dropped connection) is
         retried with backoff; a lasting one raises `JournalUnavailable` naming the cause.
@@ -403,8 +406,8 @@ class Journal:
         """Run `work` in one write transaction, retrying transient refusals (see `append`)."""
         with self._write_lock:
             for attempt in range(WRITE_ATTEMPTS):
-                conn = self._writer_connection(durable)
                 try:
+                    conn = self._writer_connection(durable)  # connecting can fail too
                     with conn.begin():
                         work(conn)
                     return
@@ -459,17 +462,19 @@ class Journal:
 
     def _writer_connection(self, durable: bool = True) -> Connection:
         # One long-lived connection for appends: a pool checkout per append costs more than
-        # the insert itself. SQLite sets synchronous per connection, not per transaction, so
-        # the appends that need no fsync have a second connection of their own.
-        if not durable and self.is_sqlite:
-            if self._lazy_writer is None or self._lazy_writer.closed:
-                conn = self.engine.connect()
-                conn.exec_driver_sql("PRAGMA synchronous = OFF")
-                conn.commit()
-                self._lazy_writer = conn
-            return self._lazy_writer
+        # the insert itself.
         if self._writer is None or self._writer.closed:
             self._writer = self.engine.connect()
+            self._writer_syncs = True
+        if self.is_sqlite and durable != self._writer_syncs:
+            # SQLite has no per-transaction `synchronous`, but it reads the connection's
+            # setting at each commit: switching it between two transactions of the one writer
+            # connection gives exactly that (a second connection would do too, but every
+            # switch between two writers costs a page-cache reload, ~0.3 ms).
+            level = self.synchronous if durable else "OFF"
+            self._writer.exec_driver_sql(f"PRAGMA synchronous = {level}")
+            self._writer.commit()
+            self._writer_syncs = durable
         return self._writer
 
     # --- reading ------------------------------------------------------------------------

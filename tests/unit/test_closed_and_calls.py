@@ -115,25 +115,39 @@ def test_short_circuit_and_join_skip_the_fsync_and_state_changes_do_not(
     journal_path: Path, tmp_path: Path
 ) -> None:
     engine = Engine.open(journal_path, effects=FakeEffects(), monitor=False)
+    journal = engine.journal
+    synchronous: list[int] = []
+    append = journal.append
+
+    def recording(*args: object, **kwargs: object) -> None:
+        append(*args, **kwargs)  # type: ignore[arg-type]
+        writer = journal._writer
+        assert writer is not None
+        synchronous.append(writer.exec_driver_sql("PRAGMA synchronous").scalar())
+        writer.commit()
+
     try:
         request = LoadRequest(model_path=_model(tmp_path, "a.gguf"))
         assert engine.load(request).status == "loaded"
-        assert engine.journal._lazy_writer is None  # every event so far was fsynced
+        engine.journal.append = recording  # type: ignore[method-assign]
         assert engine.load(request).status == "already_loaded"
-        lazy, durable = engine.journal._lazy_writer, engine.journal._writer
-        assert lazy is not None and durable is not None
-        assert lazy.exec_driver_sql("PRAGMA synchronous").scalar() == 0  # OFF
-        assert durable.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
-        lazy.commit()
-        durable.commit()
+        assert synchronous == [0]  # OFF: no fsync of its own
+        engine.unload()  # unload_requested, kill_started (write-ahead), process_exited, unloaded
+        assert synchronous == [0, 0, 2, 0, 0]  # only the intent before the kill is fsynced
     finally:
         engine.close()
-    journal = Journal.open(journal_path, read_only=True)
+    reader = Journal.open(journal_path, read_only=True)
     try:
-        kinds = [r.event.type for r in journal.read("default")]
+        kinds = [r.event.type for r in reader.read("default")]
     finally:
-        journal.close()
-    assert "load_short_circuited" in kinds and kinds[-1] == "unloaded"
+        reader.close()
+    assert kinds[-5:] == [
+        "load_short_circuited",
+        "unload_requested",
+        "kill_started",
+        "process_exited",
+        "unloaded",
+    ]
 
 
 def test_monitor_outlives_any_journal_error_and_catches_up(
