@@ -526,28 +526,31 @@ class Journal:
             return int(conn.execute(query).scalar() or 0)
 
     def snapshots(self, stream: str) -> list[tuple[int, int, float, str]]:
-        """(version, schema_version, at, state text) of the stored snapshots, newest first."""
-        query = (
-            sa.select(
-                snapshots_table.c.version,
-                snapshots_table.c.schema_version,
-                snapshots_table.c.at,
-                snapshots_table.c.state,
-            )
-            .where(snapshots_table.c.stream == stream)
-            .order_by(snapshots_table.c.version.desc())
+        """(version, schema_version, at, state text) of the stored snapshots, newest first.
+        A snapshot is only a cache: a row that does not even convert is no snapshot."""
+        sql = sa.text(
+            "SELECT version, schema_version, at, state FROM snapshots "
+            "WHERE stream = :stream ORDER BY version DESC"
         )
-        with self.engine.connect() as conn:
-            return [(int(v), int(s), float(a), str(t)) for v, s, a, t in conn.execute(query)]
+        found = []
+        with self.guard("reading snapshots"), self.engine.connect() as conn:
+            for version, schema, at, state in conn.execute(sql, {"stream": stream}):
+                try:
+                    found.append((int(version), int(schema), float(at), str(state)))
+                except (TypeError, ValueError):
+                    continue
+        return found
 
     def event_at(self, stream: str, version: int) -> float | None:
-        """The time of the event at `version` (None if there is none): checks a snapshot."""
-        query = sa.select(events_table.c.at).where(
-            events_table.c.stream == stream, events_table.c.version == version
-        )
-        with self.engine.connect() as conn:
-            value = conn.execute(query).scalar()
-        return None if value is None else float(value)
+        """The time of the event at `version` (None if there is none, or if it is no time):
+        checks a snapshot."""
+        sql = sa.text("SELECT at FROM events WHERE stream = :stream AND version = :version")
+        with self.guard("reading events"), self.engine.connect() as conn:
+            value = conn.execute(sql, {"stream": stream, "version": version}).scalar()
+        try:
+            return None if value is None else float(value)
+        except (TypeError, ValueError):
+            return None
 
 
 def decode_row(seq: int, type_: str, payload: str) -> Event:

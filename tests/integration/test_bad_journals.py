@@ -158,6 +158,23 @@ def test_naive_until_is_utc(pristine: Path, capsys: pytest.CaptureFixture[str]) 
     assert "0 events" not in capsys.readouterr().out
 
 
+def test_engine_open_with_a_snapshot_and_a_bad_last_event(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "journal.db"
+    engine = Engine.open(path, effects=FakeEffects(), monitor=False)  # snapshots on close
+    engine.load(LoadRequest(model_path=str(tiny_model)))
+    engine.close()
+    _sql(path, "UPDATE events SET at = 'soon' WHERE version = (SELECT max(version) FROM events)")
+    _sql(path, "UPDATE snapshots SET at = 'later'")
+    before = _digest(path)
+    with pytest.raises(JournalError) as refused:
+        Engine.open(path, effects=FakeEffects(), monitor=False).close()
+    assert "journal event #" in str(refused.value) and str(path) in str(refused.value)
+    assert _digest(path) == before
+    capsys.readouterr()  # the ignored snapshot's warning
+
+
 def test_held_lock_at_open_is_journal_busy_in_one_line(
     pristine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
