@@ -251,6 +251,11 @@ class Journal:
             raise self.explain(exc, doing) from exc
         except RecursionError as exc:
             raise JournalError(f"journal {self.url}: {doing}: data nested too deeply") from exc
+        except UnicodeError as exc:  # the driver met text that is not UTF-8: a damaged file
+            raise JournalError(
+                f"journal {self.url} is not a readable database ({doing}: text that is not "
+                "UTF-8)"
+            ) from exc
 
     def explain(self, exc: DBAPIError, doing: str) -> JournalError | JournalBusy:
         cause = _cause(exc)
@@ -322,7 +327,7 @@ class Journal:
             command.upgrade(config, "head")
 
     def schema_revision(self) -> str | None:
-        with self.engine.connect() as conn:
+        with self.guard("reading the schema revision"), self.engine.connect() as conn:
             if not sa.inspect(conn).has_table("alembic_version"):
                 return None
             return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
@@ -514,16 +519,22 @@ class Journal:
             yield Recorded(seq, version, at, decode_row(seq, type_, payload))
 
     def streams(self) -> list[str]:
-        with self.engine.connect() as conn:
+        with self.guard("listing slots"), self.engine.connect() as conn:
             rows = conn.execute(sa.select(events_table.c.stream).distinct().order_by("stream"))
-            return [row[0] for row in rows]
+            found = [row[0] for row in rows]
+        if not all(isinstance(stream, str) for stream in found):
+            raise JournalError(f"journal {self.url} is damaged: an event names no slot")
+        return found
 
     def last_version(self, stream: str) -> int:
-        with self.engine.connect() as conn:
+        with self.guard("reading events"), self.engine.connect() as conn:
             query = sa.select(sa.func.max(events_table.c.version)).where(
                 events_table.c.stream == stream
             )
-            return int(conn.execute(query).scalar() or 0)
+            value = conn.execute(query).scalar()
+        if value is not None and not isinstance(value, int):
+            raise JournalError(f"journal {self.url} is damaged: version {value!r} is no number")
+        return int(value or 0)
 
     def snapshots(self, stream: str) -> list[tuple[int, int, float, str]]:
         """(version, schema_version, at, state text) of the stored snapshots, newest first.

@@ -10,6 +10,8 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError
+
 from engine.adapters.binary import ServerBinaryError
 from engine.adapters.journal import CorruptJournal, Journal, JournalError
 from engine.cli.timeline import parse_until, print_timeline, read_steps
@@ -247,6 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except CorruptJournal as exc:
         print(f"studio-engine: error: {exc.naming(args.journal)}", file=sys.stderr)
+        return 2
+    except (DBAPIError, UnicodeError) as exc:  # a damaged file met where no guard expected it
+        where = getattr(args, "journal", None) or "journal"
+        cause = str(getattr(exc, "orig", exc)).strip().splitlines()[:1] or [type(exc).__name__]
+        print(f"studio-engine: error: {where}: unreadable journal ({cause[0]})", file=sys.stderr)
         return 2
     except (JournalError, EngineError, ServerBinaryError, argparse.ArgumentTypeError) as exc:
         # One line, whatever the journal holds: a reader wants the file and the event #seq.
