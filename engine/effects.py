@@ -127,7 +127,8 @@ class Effects(Protocol):
     def spawn(self, argv: Sequence[str], marker: str, log_path: str) -> tuple[int, float]: ...
 
     def exit_status(self, process: ServerProcess) -> Exited | None:
-        """None while the process (same pid *and* create_time) is alive."""
+        """None while the process (same pid *and* identity: start ticks, else create_time) is
+        alive."""
         ...
 
     def terminate(self, process: ServerProcess, grace: float) -> Exited | None: ...
