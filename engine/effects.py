@@ -155,7 +155,8 @@ class Effects(Protocol):
         ...
 
     def exit_status(self, process: ServerProcess) -> Exited | None:
-        """None while the process (same pid *and* create_time) is alive."""
+        """None while the process (same pid *and* identity: start ticks, else create_time) is
+        alive."""
         ...
 
     def terminate(self, process: ServerProcess, grace: float) -> Exited | None: ...
@@ -191,6 +192,11 @@ class Effects(Protocol):
     def measure(self, process: ServerProcess) -> MemoryUse:
         """What the server uses now: resident memory + the VRAM NVML attributes to its pid
         (zeros once it is gone)."""
+        ...
+
+    def identity(self, pid: int) -> tuple[str, int] | None:
+        """(boot id, start time in clock ticks since boot) of a live pid; None where the
+        platform has no such thing (then create_time is the identity)."""
         ...
 
     def marked_processes(self, journal_id: str) -> list[tuple[int, float, str]]:

@@ -9,7 +9,6 @@ journal and only then publishes the new state.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import threading
@@ -17,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,7 @@ from engine import steps
 from engine.adapters.binary import locate_server
 from engine.adapters.feed import Feed, FeedEvent
 from engine.adapters.health import ServerStatus
-from engine.adapters.journal import Journal
+from engine.adapters.journal import BUSY_TIMEOUT_S, CorruptJournal, Journal
 from engine.adapters.lease import LEASE_TTL_S, Lease
 from engine.adapters.local_models import locate_model_file
 from engine.core import events as ev
@@ -47,7 +47,7 @@ from engine.core.decide import (
     decide,
     next_step,
 )
-from engine.core.errors import EngineError, StepFailed
+from engine.core.errors import EngineClosed, EngineError, JournalUnavailable, StepFailed
 from engine.core.evolve import evolve
 from engine.core.machine import STABLE
 from engine.core.policy import canonical_allow
@@ -58,7 +58,7 @@ from engine.core.snapshot import encode as encode_snapshot
 from engine.core.state import LoadedModel, SlotState
 from engine.effects import Cancelled, CancelToken, DownloadProgress, Effects
 from engine.recovery import recover
-from engine.replay import SNAPSHOT_EVERY, open_state
+from engine.replay import SNAPSHOT_EVERY, open_state, replay_state
 from engine.steps import AdmissionGate, SlotSettings
 
 log = logging.getLogger("studio-engine")
@@ -66,6 +66,21 @@ log = logging.getLogger("studio-engine")
 KILL_GRACE_S = 5.0
 HEALTH_TIMEOUT_S = 600.0
 MONITOR_INTERVAL_S = 0.25
+MONITOR_MAX_BACKOFF_S = 0.5  # a journal that is writable again hears of a crash within 1 s
+# Events appended without an fsync of their own (Journal.append(durable=False)): they change no
+# process, or record a change recovery re-establishes from the process table anyway. Each is
+# followed by a durable event (or a clean close) whose sync covers it; a power cut can lose
+# only such a tail, never a write-ahead intent (kill_started, spawn_started, spawned).
+UNSYNCED_EVENTS = frozenset(
+    {
+        "load_short_circuited",
+        "load_joined",
+        "load_superseded",
+        "unload_requested",
+        "process_exited",
+        "unloaded",
+    }
+)
 
 
 @dataclass
@@ -94,7 +109,11 @@ def default_run_dir(journal: Journal) -> Path:
 
 
 def journal_id(journal: Journal) -> str:
-    return hashlib.sha256(journal.url.encode()).hexdigest()[:12]
+    """The random id stored in the journal (migration 0003): how markers and run folders
+    name it, however its URL is spelled."""
+    if journal.identity is None:  # only a read-only open of a pre-0003 journal lacks one
+        raise EngineError(f"journal {journal.url} has no identity; run `studio-engine db upgrade`")
+    return journal.identity
 
 
 class Engine:
@@ -112,6 +131,7 @@ class Engine:
         snapshot_every: int = SNAPSHOT_EVERY,
         allow_flags: frozenset[str] | set[str] | tuple[str, ...] = frozenset(),
         fit_fraction: float = 0.97,
+        initial_state: SlotState | None = None,
     ) -> None:
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0 (0 = off), not {snapshot_every!r}")
@@ -135,7 +155,11 @@ class Engine:
         )
         self._snapshot_every = snapshot_every
         self._lease: Lease | None = None  # set by open(): this engine's claim on the slot
-        self._state = open_state(journal, slot, snapshot_every)
+        self._state = (
+            initial_state
+            if initial_state is not None
+            else open_state(journal, slot, snapshot_every)
+        )
         self._state_lock = threading.Lock()  # guards appends; held only for one journal write
         self._serial = threading.Lock()  # loads and unloads on this slot run one at a time
         self._flights: list[_Flight] = []
@@ -151,6 +175,11 @@ class Engine:
         self._users = 0
         self._evicting = False
         self.last_used = time.monotonic()
+        self._closed = False
+        # Set when the journal refused a write in the middle of a load or unload: the slot's
+        # truth (a process killed or left running) is not journaled yet. The next call, or
+        # the monitor, reconciles it first. (A refused `crashed` is simply retried.)
+        self._unreconciled = False
 
     # --- opening and closing -----------------------------------------------------------------
 
@@ -169,13 +198,16 @@ class Engine:
         child_env: Mapping[str, str] | None = None,
         server_api_key: Literal["generate"] | None = "generate",
         listen: Literal["tcp", "unix"] = "tcp",
+        busy_timeout: float = BUSY_TIMEOUT_S,
         **options: Any,
     ) -> Engine:
         """Open the journal, lease the slot, replay it, reconcile with reality, start the
         crash monitor.
 
         A missing or broken llama-server is an error here, not at the first load; so is a slot
-        another live engine manages (`engine.adapters.lease.SlotBusy`).
+        another live engine manages (`engine.adapters.lease.SlotBusy`), a journal that is not
+        one (`JournalError`, one line) and a write lock held past `busy_timeout` seconds
+        (`engine.JournalBusy`).
 
         Each server gets a fresh random API key (`server_api_key=None`: none, for a backend
         that proxies without one) and an allow-listed environment plus `child_env`.
@@ -191,10 +223,19 @@ class Engine:
         if isinstance(journal_url, Journal):  # a Node shares its journal with its slots
             journal, owned = journal_url, False
         else:
-            journal, owned = Journal.open(journal_url, synchronous=synchronous), True
+            journal = Journal.open(journal_url, synchronous=synchronous, busy_timeout=busy_timeout)
+            owned = True
         lease: Lease | None = None
         try:
-            lease = Lease.acquire(journal, slot, lease_ttl)
+            # Replay before the first write (the lease): a corrupt journal is refused with
+            # its bytes untouched.
+            every = options.get("snapshot_every", SNAPSHOT_EVERY)
+            try:
+                state = open_state(journal, slot, every) if every >= 0 else None
+            except CorruptJournal as exc:
+                raise exc.naming(journal.url) from exc
+            with journal.guard("taking the slot lease"):
+                lease = Lease.acquire(journal, slot, lease_ttl)
             if effects is None:
                 from engine.adapters.runtime import RealEffects
 
@@ -209,9 +250,10 @@ class Engine:
                     listen=listen,
                     slot=slot,
                 )
-            engine = cls(journal, effects, slot=slot, **options)
+            engine = cls(journal, effects, slot=slot, initial_state=state, **options)
             engine._owns_journal = owned
             engine._lease = lease
+            engine._catch_up()
             engine._recover()
         except BaseException:
             if lease is not None:
@@ -226,15 +268,33 @@ class Engine:
         return engine
 
     def close(self, *, keep_server: bool = False) -> None:
-        """Stop the slot. `keep_server=True` leaves a healthy server for the next open to adopt."""
+        """Stop the slot. `keep_server=True` leaves a healthy server for the next open to adopt.
+
+        Every other call on a closed engine raises `engine.EngineClosed`; closing twice is a
+        no-op.
+        """
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True  # from here on no new call is accepted
         self._stop.set()
         if self._monitor is not None:
             self._monitor.join()
         try:
-            if not keep_server:
-                self.unload()
-            else:
-                self.cancel()
+            try:
+                if not keep_server:
+                    self._unload()
+                else:
+                    self._cancel_all("engine closed")
+            except JournalUnavailable:
+                if not keep_server:
+                    self._stop_server_unjournaled()
+                raise
+            finally:
+                # Loads queued before close() journal how they ended before the journal closes.
+                with self._state_lock:
+                    queued = [flight.result for flight in self._flights]
+                wait_futures(queued)
             state = self._state
             if self._snapshot_every and state.version and not (self._lease and self._lease.lost):
                 # The next open (the common restart) then replays nothing at all.
@@ -245,10 +305,23 @@ class Engine:
             close = getattr(self.effects, "close", None)
             if close is not None:
                 close()
-            if self._lease is not None:
-                self._lease.release()
+            try:
+                if self._lease is not None:
+                    self._lease.release()
+            except Exception as exc:  # it expires on its own; the journal must still close
+                log.warning("slot %r: could not release the lease: %s", self.slot, exc)
             if self._owns_journal:
                 self.journal.close()
+
+    def _stop_server_unjournaled(self) -> None:
+        """close() with a journal that refuses writes: nothing may be left running, even if
+        the journal cannot say so yet (the next open finds the pid gone and journals that)."""
+        process = self._state.process
+        if process is None or not process.pid or self.effects.exit_status(process) is not None:
+            return
+        grace = self.settings.kill_grace
+        if self.effects.terminate(process, grace) is None:
+            self.effects.kill(process, grace)
 
     def __enter__(self) -> Engine:
         return self
@@ -258,7 +331,11 @@ class Engine:
 
     # --- the journal: the only way state changes ---------------------------------------------
 
-    def emit(self, *events: ev.Event) -> SlotState:
+    def emit(self, *events: ev.Event, durable: bool | None = None) -> SlotState:
+        """Journal `events` and publish the state after them. They are fsynced unless they are
+        all UNSYNCED_EVENTS (`durable` overrides)."""
+        if durable is None:
+            durable = not all(event.type in UNSYNCED_EVENTS for event in events)
         with self._state_lock:
             before = self._state
             states = []
@@ -275,7 +352,7 @@ class Engine:
             if every and after.version // every != before.version // every:
                 # Same transaction as the events: costs one encode per `every` events.
                 snapshot = (after.version, after.updated_at or 0.0, encode_snapshot(after))
-            self.journal.append(self.slot, before.version, events, snapshot)
+            self.journal.append(self.slot, before.version, events, snapshot, durable=durable)
             self._state = after
         for event, state in zip(events, states, strict=True):
             for observer in self._observers:
@@ -297,14 +374,27 @@ class Engine:
 
     # --- public API --------------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed(f"engine for slot {self.slot!r} of {self.journal.url} is closed")
+
+    def _reconcile(self) -> None:
+        """After a refused journal write, journal the truth first (caller holds the slot):
+        recovery compares the journal with the process table, as on open."""
+        if self._unreconciled:
+            recover(self, cause="a journal write failure")
+            self._unreconciled = False
+
     def progress(self) -> DownloadProgress | None:
         """Bytes done / total per file of the download in flight, None when none is."""
+        self._check_open()
         download, pending = self.download, self._state.pending
         if download is None or pending is None or pending.load_id != download.load_id:
             return None
         return download
 
     def status(self) -> ServerStatus:
+        self._check_open()
         state = self._state  # one immutable snapshot: never waits for a load in progress
         served = state.serving or (state.pending.launch if state.pending else None)
         spec = served.spec if served else (state.pending.spec if state.pending else None)
@@ -352,6 +442,7 @@ class Engine:
     def load(self, request: LoadRequest | dict[str, Any]) -> LoadResult:
         """Load (or reload) the slot's model. Serial per slot; the latest different load wins,
         an identical one joins the load in flight."""
+        self._check_open()
         request = as_request(request)
         spec = to_spec(  # InvalidRequest before anything is journaled
             request,
@@ -360,6 +451,7 @@ class Engine:
             allow_flags=self.allow_flags,
         )
         with self._state_lock:
+            self._check_open()  # close() may have won the race for the lock
             joined = next(
                 (f for f in reversed(self._flights) if f.spec == spec and not f.token.cancelled),
                 None,
@@ -387,14 +479,27 @@ class Engine:
 
     def unload(self) -> Status:
         """Cancel any load in flight, then stop the server. Stored extra args survive."""
-        self.cancel("unload requested")
-        with self._serial:
-            self._emit_all(decide(Unload(at=self.effects.now()), self._state))
-            self._drive(token=None)
+        self._check_open()
+        self._unload()
         return self.status()
+
+    def _unload(self) -> None:
+        self._cancel_all("unload requested")
+        with self._serial:
+            self._reconcile()
+            try:
+                self._emit_all(decide(Unload(at=self.effects.now()), self._state))
+                self._drive(token=None)
+            except JournalUnavailable:
+                self._unreconciled = True  # a kill may have happened that is not journaled
+                raise
 
     def cancel(self, reason: str = "cancelled by user") -> None:
         """Cancel every load in flight or queued; each journals how it ended."""
+        self._check_open()
+        self._cancel_all(reason)
+
+    def _cancel_all(self, reason: str) -> None:
         with self._state_lock:
             for flight in self._flights:
                 flight.token.cancel(reason)
@@ -417,9 +522,11 @@ class Engine:
             yield item
 
     async def aload(self, request: LoadRequest | dict[str, Any]) -> LoadResult:
+        self._check_open()
         return await asyncio.to_thread(self.load, request)
 
     async def aunload(self) -> Status:
+        self._check_open()
         return await asyncio.to_thread(self.unload)
 
     # --- idle tracking (for a Node: TTL, LRU eviction, never evicting a server in use) -------
@@ -499,7 +606,16 @@ class Engine:
         return LoadResult(**{**_fields(result), "joined": True})
 
     def _run_load(self, flight: _Flight) -> LoadResult:
-        if flight.token.cancelled:  # superseded while queued: it never started
+        self._reconcile()
+        if flight.token.cancelled:  # superseded or cancelled while queued: it never started
+            self.emit(
+                ev.LoadSuperseded(
+                    at=self.effects.now(),
+                    load_id=flight.load_id,
+                    spec=flight.spec,
+                    reason=flight.token.reason,
+                )
+            )
             return LoadResult(
                 "cancelled", flight.load_id, self._state.state, error=flight.token.reason
             )
@@ -512,6 +628,11 @@ class Engine:
             return self._result(flight.load_id, "already_loaded")
         try:
             self._drive(flight.token)
+        except JournalUnavailable:
+            # Nothing more can be journaled now; any process this load started and could not
+            # journal is dead already (steps.spawn). The next call reconciles the slot.
+            self._unreconciled = True
+            raise
         except Cancelled as stop:
             return self._abort(flight.load_id, "cancelled", stop.reason)
         except StepFailed as failure:
@@ -623,16 +744,28 @@ class Engine:
         self._monitor.start()
 
     def _watch(self) -> None:
-        while not self._stop.wait(MONITOR_INTERVAL_S):
-            state = self._state
-            if state.state != "ready" or state.process is None:
-                continue
-            if not self._serial.acquire(blocking=False):
-                continue  # a load or unload owns the slot and will see the exit itself
+        """Never dies: a journal error (lock, full disk, lost lease) is logged, and the check
+        retried with backoff until the journal takes the write."""
+        pause = MONITOR_INTERVAL_S
+        while not self._stop.wait(pause):
             try:
-                self.check_crashed()
-            finally:
-                self._serial.release()
+                self._watch_once()
+                pause = MONITOR_INTERVAL_S
+            except Exception as exc:
+                pause = min(pause * 2, MONITOR_MAX_BACKOFF_S)
+                log.warning("slot %r: crash monitor: %s; retrying in %.2f s", self.slot, exc, pause)
+
+    def _watch_once(self) -> None:
+        state = self._state
+        if not self._unreconciled and (state.state != "ready" or state.process is None):
+            return
+        if not self._serial.acquire(blocking=False):
+            return  # a load or unload owns the slot and will see the exit itself
+        try:
+            self._reconcile()
+            self.check_crashed()
+        finally:
+            self._serial.release()
 
     def check_crashed(self) -> bool:
         """Journal `crashed` if the ready server exited on its own. Caller holds the slot."""
@@ -654,6 +787,12 @@ class Engine:
         return True
 
     # --- recovery ----------------------------------------------------------------------------
+
+    def _catch_up(self) -> None:
+        """Fold in what a previous holder appended between our replay and our lease."""
+        if self.journal.last_version(self.slot) != self._state.version:
+            rows = self.journal.read_rows(self.slot, after_version=self._state.version)
+            self._state = replay_state(rows, self._state)
 
     def _recover(self) -> None:
         """Reconcile the replayed state with the real process table (see engine.recovery)."""

@@ -14,7 +14,6 @@ from dataclasses import replace
 
 from engine import steps
 from engine.adapters.health import await_health
-from engine.adapters.process import CREATE_TIME_SLACK
 from engine.core import events as ev
 from engine.core.errors import EngineError
 from engine.core.state import ServerProcess
@@ -30,7 +29,9 @@ def _owned_by_slot(marker: str, journal_id: str, slot: str) -> bool:
     return owner == f"{journal_id}/{slot}" and bool(load_id)
 
 
-def recover(engine: Slot) -> None:
+def recover(engine: Slot, *, cause: str = "backend crash") -> None:
+    """Reconcile; `cause` says what interrupted the slot (a backend crash on open, a refused
+    journal write when the engine reconciles itself)."""
     state = engine.state
     fx = engine.effects
     now = fx.now
@@ -48,37 +49,51 @@ def recover(engine: Slot) -> None:
     engine.emit(ev.RecoveryStarted(at=now(), previous_state=state.state))
     pending = state.pending
     dropped = (
-        f"; load {pending.load_id} interrupted by backend crash (in {origin}) dropped"
+        f"; load {pending.load_id} interrupted by {cause} (in {origin}) dropped"
         if pending is not None and origin in ("resolving", "killing")
         else ""
     )
 
     ours = None
     if process is not None:
+        # Identity (boot id + start ticks where journaled) decides, never a wall-clock time.
+        alive = bool(process.pid) and fx.exit_status(process) is None
         for pid, create_time, marker in marked:
-            same_pid = (
-                process.pid
-                and pid == process.pid
-                and (abs(create_time - process.create_time) <= CREATE_TIME_SLACK)
-            )
+            same_pid = alive and pid == process.pid
             if same_pid or (not process.pid and marker == process.marker):
                 ours = (pid, create_time, marker)
-    # Orphans first: at no instant may two of our servers run for this slot.
+    # Orphans first: at no instant may two of our servers run for this slot. The descendants
+    # of our own process carry its marker too (a wrapper script's server): they are its tree.
     for pid, create_time, marker in marked:
-        if (pid, create_time, marker) != ours:
-            _kill_untracked(engine, pid, create_time, marker)
+        if ours is not None and marker == ours[2]:
+            continue
+        _kill_untracked(engine, pid, create_time, marker)
 
     unhealthy = False
     if process is not None and ours is None and process.pid:
         engine.emit(ev.ProcessExited(at=now(), pid=process.pid))  # gone while we were down
     if process is not None and ours is not None:
         pid, create_time, marker = ours
-        live = replace(process, pid=pid, create_time=create_time, marker=marker)
+        identity = fx.identity(pid)
+        live = replace(
+            process,
+            pid=pid,
+            create_time=create_time,
+            marker=marker,
+            start_ticks=identity[1] if identity else None,
+            boot_id=identity[0] if identity else None,
+        )
         timeout = READY_HEALTH_TIMEOUT_S if origin == "ready" else engine.settings.health_timeout
         adoptable = origin in ("resolving", "spawning", "warming", "ready")
         if adoptable and _healthy(engine, live, timeout):
             engine.emit(
-                ev.RecoveryAdopted(at=now(), pid=pid, create_time=create_time),
+                ev.RecoveryAdopted(
+                    at=now(),
+                    pid=pid,
+                    create_time=create_time,
+                    start_ticks=live.start_ticks,
+                    boot_id=live.boot_id,
+                ),
                 ev.RecoveryFinished(
                     at=now(), summary=f"adopted healthy llama-server pid {pid}{dropped}"
                 ),
@@ -103,7 +118,7 @@ def recover(engine: Slot) -> None:
     elif origin == "ready":
         reason = "llama-server was gone when the backend restarted"
     else:
-        reason = f"load interrupted by backend crash (in {origin})"
+        reason = f"load interrupted by {cause} (in {origin})"
     engine.emit(
         ev.LoadFailed(at=now(), load_id=pending.load_id if pending else None, error=reason),
         ev.RecoveryFinished(at=now(), summary=reason),

@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from engine.adapters.journal import CorruptJournal, Journal, decode_row
@@ -35,6 +35,8 @@ def bounds(until: Until) -> dict[str, Any]:
     if until is None:
         return {}
     if isinstance(until, datetime):
+        if until.tzinfo is None:  # naive times are UTC everywhere in studio-engine
+            until = until.replace(tzinfo=UTC)
         return {"until_time": until.timestamp()}
     if isinstance(until, float):
         return {"until_time": until}
@@ -75,7 +77,7 @@ def replay_state(
 
 def replay(url: str | os.PathLike[str], slot: str = "default", until: Until = None) -> SlotState:
     """The slot state after the journal at `url` (or after sequence number / time `until`)."""
-    journal = Journal.open(url, create=False)
+    journal = Journal.open(url, create=False, read_only=True)
     try:
         return replay_state(journal.read_rows(slot, **bounds(until)))
     finally:

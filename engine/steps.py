@@ -27,7 +27,7 @@ from engine.core.errors import EngineError, StepFailed
 from engine.core.plan import plan_launch, unservable
 from engine.core.policy import check_extra_args
 from engine.core.rules import effective_extra_args
-from engine.core.state import SlotState
+from engine.core.state import ServerProcess, SlotState
 from engine.effects import CancelToken, DownloadProgress, Effects, Exited, FileProgress
 
 MAX_SPAWN_RETRIES = 3
@@ -78,8 +78,9 @@ class Slot(Protocol):
     @property
     def state(self) -> SlotState: ...
 
-    def emit(self, *events: ev.Event) -> SlotState:
-        """Validate the events against the machine, journal them, publish the new state."""
+    def emit(self, *events: ev.Event, durable: bool | None = None) -> SlotState:
+        """Validate the events against the machine, journal them, publish the new state
+        (fsynced unless they are all orchestrator.UNSYNCED_EVENTS, or `durable` says)."""
         ...
 
     def hf_token(self, load_id: str) -> SecretStr | None: ...
@@ -293,9 +294,26 @@ def spawn(engine: Slot, token: CancelToken) -> None:
     )
     env = {"CUDA_VISIBLE_DEVICES": visible} if visible is not None else None
     pid, create_time = effects.spawn(argv, marker, log_path, env=env)
-    engine.emit(
-        ev.Spawned(at=effects.now(), load_id=pending.load_id, pid=pid, create_time=create_time)
-    )
+    try:
+        identity = effects.identity(pid)
+        engine.emit(
+            ev.Spawned(
+                at=effects.now(),
+                load_id=pending.load_id,
+                pid=pid,
+                create_time=create_time,
+                boot_id=identity[0] if identity else None,
+                start_ticks=identity[1] if identity else None,
+            )
+        )
+    except BaseException:
+        # Every process the engine starts is journaled or dead: the journal refused the pid,
+        # so nobody could ever find this server again. Kill it before the error surfaces.
+        child = ServerProcess(
+            pid, create_time, port, pending.load_id, marker, log_path, socket_path=socket_path
+        )
+        effects.kill(child, engine.settings.kill_grace)
+        raise
 
 
 def await_health(engine: Slot, token: CancelToken) -> None:

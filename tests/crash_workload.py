@@ -35,8 +35,8 @@ class CrashingEngine(Engine):
     after_kind = os.environ.get("CRASH_AFTER_KIND")
     emitted = 0
 
-    def emit(self, *events: ev.Event) -> SlotState:
-        state = super().emit(*events)
+    def emit(self, *events: ev.Event, durable: bool | None = None) -> SlotState:
+        state = super().emit(*events, durable=durable)
         for event in events:
             CrashingEngine.emitted += 1
             if CrashingEngine.emitted == self.after_event or event.type == self.after_kind:

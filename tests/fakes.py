@@ -177,6 +177,9 @@ class FakeEffects:
             return MemoryUse(0, 0)
         return MemoryUse(self.rss.get(process.pid, self.server_rss), 0)
 
+    def identity(self, pid: int) -> tuple[str, int] | None:
+        return None  # no /proc here: create_time is the identity
+
     def marked_processes(self, journal_id: str) -> list[tuple[int, float, str]]:
         return []
 

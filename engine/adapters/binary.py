@@ -121,6 +121,9 @@ def check_binary(path: Path) -> ServerBinary:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             [str(d) for d in library_dirs] + ([inherited] if inherited else [])
         )
+    version = _cached_version(path)
+    if version is not None:
+        return ServerBinary(path=path, library_dirs=library_dirs, version=version, env=env)
     try:
         done = subprocess.run(
             [str(path), "--version"],
@@ -140,6 +143,7 @@ def check_binary(path: Path) -> ServerBinary:
     version = next(
         (line for line in output.splitlines() if line.startswith("version")), output[:80]
     )
+    _remember_version(path, version)
     return ServerBinary(path=path, library_dirs=library_dirs, version=version, env=env)
 
 
@@ -161,7 +165,11 @@ def binary_identity(binary: ServerBinary) -> BinaryIdentity:
 
 @functools.lru_cache(maxsize=8)
 def _version(path: str, size: int, mtime_ns: int, env: tuple[tuple[str, str], ...]) -> str:
-    """`--version` of one file content (path, size, mtime): run once per identity."""
+    """`--version` of one file content (path, size, mtime): run once per identity, and not
+    at all when Engine.open's check already cached it on disk."""
+    cached = _cached_version(Path(path))
+    if cached is not None:
+        return cached
     try:
         done = subprocess.run(
             [path, "--version"],
@@ -214,3 +222,43 @@ def _read_names(files: tuple[tuple[str, int], ...]) -> bytes | None:
             continue
     blob = b"\0".join(blobs)
     return blob if b"\0llama\0" in blob else None  # no architecture table: a build we can't read
+
+
+def _identity_key(path: Path) -> str | None:
+    """Which binary this is: its real path and the (device, inode, size, mtime) of the file.
+    A rebuilt or replaced binary is a new identity, so it is checked again."""
+    try:
+        real = path.resolve()
+        st = real.stat()
+    except OSError:
+        return None
+    text = f"{real}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _version_file(path: Path) -> Path | None:
+    key = _identity_key(path)
+    return None if key is None else _cache_root().parent / "versions" / key
+
+
+def _cached_version(path: Path) -> str | None:
+    """The `--version` line of a binary that already passed the check (Engine.open would
+    otherwise spend ~20 ms starting it every time)."""
+    cached = _version_file(path)
+    try:
+        return cached.read_text().strip() or None if cached is not None else None
+    except OSError:
+        return None
+
+
+def _remember_version(path: Path, version: str) -> None:
+    cached = _version_file(path)
+    if cached is None:
+        return
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = cached.with_name(f".{cached.name}.{os.getpid()}")
+        staging.write_text(version + "\n")
+        staging.replace(cached)  # atomic: a concurrent reader sees all of it or nothing
+    except OSError:
+        pass  # a read-only cache folder costs the check next time, nothing else

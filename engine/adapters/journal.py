@@ -8,10 +8,12 @@ newest Alembic revision; a journal written by a newer engine is refused.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,8 +22,9 @@ from typing import Any, Final, TypeVar
 import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from engine.core.errors import JournalBusy, JournalUnavailable
 from engine.core.events import SCHEMA_VERSION, BaseEvent, Event, parse_event, parse_record
 from engine.core.scrub import looks_secret
 
@@ -66,13 +69,31 @@ leases_table = sa.Table(
     sa.Column("acquired_at", sa.Float(precision=53), nullable=False),
     sa.Column("heartbeat_at", sa.Float(precision=53), nullable=False),
     sa.Column("expires_at", sa.Float(precision=53), nullable=False),
+    # Migration 0003: None in rows written by an older engine.
+    sa.Column("pid_namespace", sa.String(64), nullable=True),
+    sa.Column("start_ticks", sa.BigInteger, nullable=True),
+)
+
+# The journal's own random id (migration 0003): markers and run folders name it.
+identity_table = sa.Table(
+    "journal_identity",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
 )
 
 # Alembic revisions this engine knows, oldest first; a unit test checks them against migrations/.
-KNOWN_REVISIONS: Final = ("0001", "0002")
+KNOWN_REVISIONS: Final = ("0001", "0002", "0003")
 FEED_CHANNEL: Final = "studio_engine_events"  # PostgreSQL NOTIFY channel: a commit happened
 SNAPSHOTS_KEPT: Final = 2  # the newest is the one used; one more in case it is unreadable
 HEAD_REVISION: Final = KNOWN_REVISIONS[-1]
+BUSY_TIMEOUT_S: Final = 5.0
+# A write refused as transient (SQLite's lock held past the busy timeout, a PostgreSQL
+# connection dropped or a lock timeout) is tried this many times in all, with these pauses.
+WRITE_ATTEMPTS: Final = 3
+WRITE_BACKOFF_S: Final = (0.05, 0.25)
+# Event times outside this window (or not a number at all) make a row corrupt: every reader
+# turns them into dates, and datetime overflows long before a float does.
+_EARLIEST_AT, _LATEST_AT = 0.0, 253402300799.0  # 9999-12-31T23:59:59Z
 
 
 class JournalError(RuntimeError):
@@ -84,9 +105,14 @@ class SchemaTooNew(JournalError):
 
 
 class CorruptJournal(JournalError):
-    def __init__(self, seq: int, message: str) -> None:
-        self.seq = seq
-        super().__init__(f"journal event #{seq}: {message}")
+    def __init__(self, seq: int, message: str, where: str | None = None) -> None:
+        self.seq, self.message = seq, message
+        prefix = f"{where}: " if where else ""
+        super().__init__(f"{prefix}journal event #{seq}: {message}")
+
+    def naming(self, where: str) -> CorruptJournal:
+        """The same error, saying which journal (file or URL) it is about."""
+        return CorruptJournal(self.seq, self.message, where)
 
 
 class ConcurrencyConflict(JournalError):
@@ -140,51 +166,155 @@ class Journal:
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._write_lock = threading.Lock()
         self._writer: Connection | None = None
+        self._writer_syncs = True  # whether the writer's commits fsync now (SQLite)
+        self.synchronous = "FULL"  # the level durable appends commit at (SQLite)
         self._insert = events_table.insert()
         self.append_observers: list[Callable[[float], None]] = []  # seconds per append (metrics)
+        self.identity: str | None = None
+        self.read_only = False
+        self.busy_timeout = BUSY_TIMEOUT_S
 
     # --- opening ------------------------------------------------------------------------
 
     @classmethod
     def open(
-        cls, location: str | os.PathLike[str], *, synchronous: str = "FULL", create: bool = True
+        cls,
+        location: str | os.PathLike[str],
+        *,
+        synchronous: str = "FULL",
+        create: bool = True,
+        read_only: bool = False,
+        busy_timeout: float = BUSY_TIMEOUT_S,
     ) -> Journal:
-        """Open (and upgrade) a journal; with create=False a missing SQLite file is an error."""
+        """Open (and upgrade) a journal; with create=False a missing SQLite file is an error.
+
+        `read_only=True` (replay, verify, postmortem) opens a SQLite file with `mode=ro`, never
+        migrates and never writes: an older schema is read as it is. Anything unreadable is a
+        `JournalError` (one line naming the journal), a lock held past `busy_timeout` at open
+        is `JournalBusy`.
+        """
         url_text = journal_url(location)
         try:
             url = sa.make_url(url_text)
         except sa.exc.ArgumentError as exc:
             raise JournalError(f"not a journal URL or path: {os.fspath(location)!r}") from exc
+        if busy_timeout < 0:
+            raise JournalError(f"busy_timeout must be >= 0 seconds, not {busy_timeout!r}")
         kwargs: dict[str, Any] = {}
+        shown = url.render_as_string(hide_password=True)
         if url.get_backend_name() == "sqlite":
             if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
                 raise JournalError(
                     f"synchronous must be OFF/NORMAL/FULL/EXTRA, not {synchronous!r}"
                 )
-            _prepare_sqlite_file(url, create)
+            if url.database not in (None, "", ":memory:") and not url.database.startswith("file:"):
+                # One file, one spelling: a relative `sqlite:///studio.db` names the file in
+                # the folder it was opened from, for good (run folders sit beside it).
+                url = url.set(database=str(Path(url.database).expanduser().resolve()))
+                shown = url.render_as_string(hide_password=True)
+            _prepare_sqlite_file(url, create and not read_only)
             kwargs["connect_args"] = {"check_same_thread": False}
             if url.database in (None, "", ":memory:"):
                 kwargs["poolclass"] = sa.StaticPool
+            elif read_only and not url.database.startswith("file:"):
+                # SQLite's own read-only mode: no write, no WAL switch, no migration can
+                # happen even by mistake, and a chmod 0400 copy opens.
+                url = url.set(database=f"file:{url.database}", query={"mode": "ro", "uri": "true"})
+        elif url.get_backend_name() == "postgresql":
+            # The PostgreSQL analogue of SQLite's busy timeout: wait this long for a lock.
+            timeout_ms = int(busy_timeout * 1000)
+            kwargs["connect_args"] = {"options": f"-c lock_timeout={timeout_ms}"}
         try:
             engine = sa.create_engine(url, **kwargs)
         except Exception as exc:  # a missing driver, a malformed URL
-            raise JournalError(f"cannot open journal {url.render_as_string()}: {exc}") from exc
+            raise JournalError(f"cannot open journal {shown}: {exc}") from exc
         if engine.dialect.name == "sqlite":
-            _install_sqlite_pragmas(engine, synchronous.upper())
-        journal = cls(engine, url.render_as_string(hide_password=True))
+            _install_sqlite_pragmas(engine, synchronous.upper(), busy_timeout, read_only)
+        journal = cls(engine, shown)
+        journal.read_only = read_only
+        journal.busy_timeout = busy_timeout
+        journal.synchronous = synchronous.upper()
         try:
-            journal._upgrade()
-        except JournalError:
+            with journal.guard("open"):
+                if read_only:
+                    journal._check_readable()
+                else:
+                    journal._upgrade()
+                journal.identity = journal._read_identity()
+        except BaseException:
             engine.dispose()
             raise
-        except (OperationalError, ProgrammingError) as exc:
-            engine.dispose()
-            raise JournalError(f"cannot open journal {journal.url}: {exc.orig}") from exc
         return journal
 
-    def _upgrade(self) -> None:
-        """Bring the schema to head; refuse a journal from a newer engine."""
+    @contextmanager
+    def guard(self, doing: str) -> Iterator[None]:
+        """Turn a database error into one line naming this journal (never the SQL)."""
+        try:
+            yield
+        except DBAPIError as exc:
+            raise self.explain(exc, doing) from exc
+        except RecursionError as exc:
+            raise JournalError(f"journal {self.url}: {doing}: data nested too deeply") from exc
+        except UnicodeError as exc:  # the driver met text that is not UTF-8: a damaged file
+            raise JournalError(
+                f"journal {self.url} is not a readable database ({doing}: text that is not UTF-8)"
+            ) from exc
+
+    def explain(self, exc: DBAPIError, doing: str) -> JournalError | JournalBusy:
+        cause = _cause(exc)
+        if _is_locked(exc):
+            return JournalBusy(
+                f"journal {self.url} is locked by another connection "
+                f"(still {cause!r} after {self.busy_timeout:g} s); {doing} gave up"
+            )
+        if "not a database" in cause or "malformed" in cause:
+            return JournalError(f"journal {self.url} is not a readable database ({cause})")
+        if "no such table" in cause or "does not exist" in cause:
+            return JournalError(f"journal {self.url} is not a studio-engine journal ({cause})")
+        return JournalError(f"journal {self.url}: {doing} failed: {cause}")
+
+    def _check_readable(self) -> None:
+        """A read-only open: refuse what cannot be read, read an older schema as it is."""
         current = self.schema_revision()
+        if current is not None and current not in KNOWN_REVISIONS:
+            raise SchemaTooNew(
+                f"journal {self.url} has schema revision {current!r}, newer than this engine "
+                f"understands (newest known: {HEAD_REVISION!r}); upgrade studio-engine"
+            )
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table("events"):
+                raise JournalError(
+                    f"journal {self.url} is not a studio-engine journal (no events table); "
+                    "if it is one from an older engine, run `studio-engine db upgrade`"
+                )
+
+    def _read_identity(self) -> str | None:
+        """The journal's random id (None for a pre-0003 journal opened read-only)."""
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table("journal_identity"):
+                return None
+            return conn.execute(sa.select(identity_table.c.id)).scalar()
+
+    def _upgrade(self) -> None:
+        """Bring the schema to head; refuse a journal from a newer engine, and a database
+        that is something else (never add our tables to another application's file)."""
+        with self.engine.connect() as conn:
+            tables = set(sa.inspect(conn).get_table_names())
+            current = (
+                conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+                if "alembic_version" in tables
+                else None
+            )
+        if (current is None and tables) or (current is not None and "events" not in tables):
+            raise JournalError(
+                f"journal {self.url} is not a studio-engine journal "
+                f"(tables: {', '.join(sorted(tables)) or 'none'}; no events table or no schema "
+                "revision); refusing to write to it"
+            )
+        if self.is_sqlite:
+            with self.engine.connect() as conn:  # persistent in the file: a no-op once set
+                if conn.exec_driver_sql("PRAGMA journal_mode").scalar() != "wal":
+                    conn.exec_driver_sql("PRAGMA journal_mode = WAL")
         if current == HEAD_REVISION:
             return  # the common case: no Alembic import, no script scan
         if current is not None and current not in KNOWN_REVISIONS:
@@ -200,17 +330,22 @@ class Journal:
             command.upgrade(config, "head")
 
     def schema_revision(self) -> str | None:
-        with self.engine.connect() as conn:
+        with self.guard("reading the schema revision"), self.engine.connect() as conn:
             if not sa.inspect(conn).has_table("alembic_version"):
                 return None
             return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
 
     def close(self) -> None:
         with self._write_lock:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
+            self._drop_writers()
         self.engine.dispose()
+
+    def _drop_writers(self) -> None:
+        conn = self._writer
+        if conn is not None and not conn.closed:
+            with suppress(DBAPIError):  # never back into the pool: it may be synchronous=OFF
+                conn.invalidate()
+        self._writer = None
 
     # --- writing ------------------------------------------------------------------------
 
@@ -220,11 +355,23 @@ class Journal:
         expected_version: int,
         events: Sequence[BaseEvent],
         snapshot: tuple[int, float, str] | None = None,
+        *,
+        durable: bool = True,
     ) -> None:
         """Append `events` after `expected_version` atomically, or raise ConcurrencyConflict.
 
         `snapshot` = (version, at, state text) is written in the same transaction, so a
         snapshot never exists for events that did not commit.
+
+        `durable=False` (events that change no process: a short-circuit, a join) commits
+        without waiting for fsync (SQLite: `synchronous=OFF` for that commit; PostgreSQL:
+        `SET LOCAL synchronous_commit = off`). It is still ordered: SQLite in WAL mode appends
+        every commit to one log in commit order, and the next durable commit syncs the log up
+        to its end (so the earlier frames too); PostgreSQL's WAL flush works the same way. A
+        power cut can lose only such a tail of events, never a gap.
+
+        A transient refusal (lock held past the busy timeout, a dropped connection) is
+        retried with backoff; a lasting one raises `JournalUnavailable` naming the cause.
         """
         rows = []
         for offset, event in enumerate(events, start=1):
@@ -244,29 +391,54 @@ class Journal:
         if not rows:
             return
         started = time.perf_counter()
-        with self._write_lock:
-            conn = self._writer_connection()
-            try:
-                with conn.begin():
-                    conn.execute(self._insert, rows)
-                    if snapshot is not None:
-                        self._write_snapshot(conn, stream, *snapshot)
-                    if not self.is_sqlite:  # delivered at commit: wakes `studio-engine tail -f`
-                        conn.execute(sa.text(f"NOTIFY {FEED_CHANNEL}"))
-            except IntegrityError as exc:
-                raise ConcurrencyConflict(
-                    f"stream {stream!r} moved past version {expected_version} "
-                    "(another writer appended first)"
-                ) from exc
+
+        def write(conn: Connection) -> None:
+            if not durable and conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SET LOCAL synchronous_commit TO OFF"))
+            conn.execute(self._insert, rows)
+            if snapshot is not None:
+                self._write_snapshot(conn, stream, *snapshot)
+            if not self.is_sqlite:  # delivered at commit: wakes `studio-engine tail -f`
+                conn.execute(sa.text(f"NOTIFY {FEED_CHANNEL}"))
+
+        try:
+            self._write(write, durable=durable)
+        except IntegrityError as exc:
+            raise ConcurrencyConflict(
+                f"stream {stream!r} moved past version {expected_version} "
+                "(another writer appended first)"
+            ) from exc
         for observe in self.append_observers:
             observe(time.perf_counter() - started)
 
     def save_snapshot(self, stream: str, version: int, at: float, state: str) -> None:
         """Store a snapshot on its own (after an open that replayed a long tail)."""
+        self._write(lambda conn: self._write_snapshot(conn, stream, version, at, state))
+
+    def _write(self, work: Callable[[Connection], None], *, durable: bool = True) -> None:
+        """Run `work` in one write transaction, retrying transient refusals (see `append`)."""
         with self._write_lock:
-            conn = self._writer_connection()
-            with conn.begin():
-                self._write_snapshot(conn, stream, version, at, state)
+            for attempt in range(WRITE_ATTEMPTS):
+                try:
+                    conn = self._writer_connection(durable)  # connecting can fail too
+                    with conn.begin():
+                        work(conn)
+                    return
+                except IntegrityError:
+                    raise
+                except DBAPIError as exc:
+                    self._drop_writers()  # a failed connection is never reused
+                    cause = _cause(exc)
+                    if not (_is_locked(exc) or exc.connection_invalidated):
+                        raise JournalUnavailable(
+                            f"journal {self.url} refused a write: {cause}"
+                        ) from exc
+                    if attempt + 1 == WRITE_ATTEMPTS:
+                        raise JournalUnavailable(
+                            f"journal {self.url} refused a write {WRITE_ATTEMPTS} times "
+                            f"(last: {cause})"
+                        ) from exc
+                    time.sleep(WRITE_BACKOFF_S[min(attempt, len(WRITE_BACKOFF_S) - 1)])
 
     def _write_snapshot(
         self, conn: Connection, stream: str, version: int, at: float, state: str
@@ -301,11 +473,21 @@ class Journal:
                 )
             )
 
-    def _writer_connection(self) -> Connection:
+    def _writer_connection(self, durable: bool = True) -> Connection:
         # One long-lived connection for appends: a pool checkout per append costs more than
         # the insert itself.
         if self._writer is None or self._writer.closed:
             self._writer = self.engine.connect()
+            self._writer_syncs = True
+        if self.is_sqlite and durable != self._writer_syncs:
+            # SQLite has no per-transaction `synchronous`, but it reads the connection's
+            # setting at each commit: switching it between two transactions of the one writer
+            # connection gives exactly that (a second connection would do too, but every
+            # switch between two writers costs a page-cache reload, ~0.3 ms).
+            level = self.synchronous if durable else "OFF"
+            self._writer.exec_driver_sql(f"PRAGMA synchronous = {level}")
+            self._writer.commit()
+            self._writer_syncs = durable
         return self._writer
 
     # --- reading ------------------------------------------------------------------------
@@ -331,9 +513,13 @@ class Journal:
             sql += " AND at <= :until_time"
             params["until_time"] = until_time
         sql += " ORDER BY version"
-        with self.engine.connect() as conn:
+        with self.guard("reading events"), self.engine.connect() as conn:
             result = conn.execution_options(yield_per=2000).execute(sa.text(sql), params)
-            yield from result
+            for row in result:
+                seq, _version, at, _type, _payload = row
+                if not isinstance(at, float | int) or not _EARLIEST_AT <= at <= _LATEST_AT:
+                    raise CorruptJournal(seq, f"event time {str(at)[:40]!r} is not a valid time")
+                yield row
 
     def read_since(
         self, seq: int, *, stream: str | None = None, limit: int = 1000
@@ -363,40 +549,49 @@ class Journal:
             yield Recorded(seq, version, at, decode_row(seq, type_, payload))
 
     def streams(self) -> list[str]:
-        with self.engine.connect() as conn:
+        with self.guard("listing slots"), self.engine.connect() as conn:
             rows = conn.execute(sa.select(events_table.c.stream).distinct().order_by("stream"))
-            return [row[0] for row in rows]
+            found = [row[0] for row in rows]
+        if not all(isinstance(stream, str) for stream in found):
+            raise JournalError(f"journal {self.url} is damaged: an event names no slot")
+        return found
 
     def last_version(self, stream: str) -> int:
-        with self.engine.connect() as conn:
+        with self.guard("reading events"), self.engine.connect() as conn:
             query = sa.select(sa.func.max(events_table.c.version)).where(
                 events_table.c.stream == stream
             )
-            return int(conn.execute(query).scalar() or 0)
+            value = conn.execute(query).scalar()
+        if value is not None and not isinstance(value, int):
+            raise JournalError(f"journal {self.url} is damaged: version {value!r} is no number")
+        return int(value or 0)
 
     def snapshots(self, stream: str) -> list[tuple[int, int, float, str]]:
-        """(version, schema_version, at, state text) of the stored snapshots, newest first."""
-        query = (
-            sa.select(
-                snapshots_table.c.version,
-                snapshots_table.c.schema_version,
-                snapshots_table.c.at,
-                snapshots_table.c.state,
-            )
-            .where(snapshots_table.c.stream == stream)
-            .order_by(snapshots_table.c.version.desc())
+        """(version, schema_version, at, state text) of the stored snapshots, newest first.
+        A snapshot is only a cache: a row that does not even convert is no snapshot."""
+        sql = sa.text(
+            "SELECT version, schema_version, at, state FROM snapshots "
+            "WHERE stream = :stream ORDER BY version DESC"
         )
-        with self.engine.connect() as conn:
-            return [(int(v), int(s), float(a), str(t)) for v, s, a, t in conn.execute(query)]
+        found = []
+        with self.guard("reading snapshots"), self.engine.connect() as conn:
+            for version, schema, at, state in conn.execute(sql, {"stream": stream}):
+                try:
+                    found.append((int(version), int(schema), float(at), str(state)))
+                except (TypeError, ValueError):
+                    continue
+        return found
 
     def event_at(self, stream: str, version: int) -> float | None:
-        """The time of the event at `version` (None if there is none): checks a snapshot."""
-        query = sa.select(events_table.c.at).where(
-            events_table.c.stream == stream, events_table.c.version == version
-        )
-        with self.engine.connect() as conn:
-            value = conn.execute(query).scalar()
-        return None if value is None else float(value)
+        """The time of the event at `version` (None if there is none, or if it is no time):
+        checks a snapshot."""
+        sql = sa.text("SELECT at FROM events WHERE stream = :stream AND version = :version")
+        with self.guard("reading events"), self.engine.connect() as conn:
+            value = conn.execute(sql, {"stream": stream, "version": version}).scalar()
+        try:
+            return None if value is None else float(value)
+        except (TypeError, ValueError):
+            return None
 
 
 def decode_row(seq: int, type_: str, payload: str) -> Event:
@@ -415,6 +610,8 @@ def decode_record(seq: int, stream: str, type_: str, payload: str) -> BaseEvent:
 def _decode(seq: int, type_: str, payload: str, parse: Callable[[str], _E]) -> _E:
     try:
         event = parse(payload)
+    except RecursionError as exc:
+        raise CorruptJournal(seq, f"unreadable {type_!r} payload (nested too deeply)") from exc
     except ValidationError as exc:
         newer = _schema_version_of(payload)
         if newer is not None and newer > SCHEMA_VERSION:
@@ -439,24 +636,39 @@ def _decode(seq: int, type_: str, payload: str, parse: Callable[[str], _E]) -> _
         raise CorruptJournal(
             seq, f"type column says {type_!r} but the payload is {getattr(event, 'type', None)!r}"
         )
+    if not (math.isfinite(event.at) and _EARLIEST_AT <= event.at <= _LATEST_AT):
+        raise CorruptJournal(seq, f"event time {event.at!r} is not a valid time")
     return event
 
 
 def _schema_version_of(payload: str) -> int | None:
     try:
         value = json.loads(payload).get("schema_version")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return value if isinstance(value, int) else None
 
 
-def _install_sqlite_pragmas(engine: Engine, synchronous: str) -> None:
+def _cause(exc: DBAPIError) -> str:
+    """The driver's own first line (never the statement or its parameters)."""
+    text = str(exc.orig).strip().splitlines()
+    return text[0] if text else type(exc.orig).__name__
+
+
+def _is_locked(exc: DBAPIError) -> bool:
+    cause = _cause(exc).lower()
+    return "database is locked" in cause or "lock timeout" in cause or "is busy" in cause
+
+
+def _install_sqlite_pragmas(
+    engine: Engine, synchronous: str, busy_timeout: float, read_only: bool
+) -> None:
     @sa.event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA busy_timeout = 5000")
-        cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute(f"PRAGMA synchronous = {synchronous}")
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        if not read_only:  # (WAL mode is set once, by _upgrade, after the file proved ours)
+            cursor.execute(f"PRAGMA synchronous = {synchronous}")
         cursor.close()
 
 

@@ -3,9 +3,11 @@
 A second engine opening the same journal and slot gets `SlotBusy` naming the holder. A lease
 must never outlive its holder for good, so it is taken over when the holder is provably dead:
 
-* same host (hostname and boot id): the holder's pid is gone, a zombie, or now belongs to a
-  process with another create_time; a different boot id means the host rebooted;
-* another host: its pid cannot be checked, so the lease expires `ttl` seconds after the last
+* same host (hostname and boot id) and same PID namespace: the holder's pid is gone, a
+  zombie, or now belongs to a process with other start ticks (create_time for rows without
+  them); a different boot id means the host rebooted;
+* another host, or another PID namespace of this host (a container with the same hostname):
+  its pid cannot be checked here, so the lease expires `ttl` seconds after the last
   heartbeat (a live holder renews it every ttl/3 from a thread).
 
 Times are the database server's clock, so hosts with skewed clocks agree on expiry. Every
@@ -21,7 +23,6 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
-from functools import cache
 from typing import Final
 
 import psutil
@@ -30,7 +31,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from engine.adapters.journal import Journal, JournalError, leases_table
-from engine.adapters.process import CREATE_TIME_SLACK
+from engine.adapters.process import CREATE_TIME_SLACK, boot_id, start_ticks
 
 log = logging.getLogger("studio-engine")
 
@@ -49,15 +50,15 @@ class Holder:
     boot_id: str
     pid: int
     create_time: float
+    pid_namespace: str | None = None
+    start_ticks: int | None = None
 
 
-@cache
-def _boot_id() -> str:
+def _pid_namespace() -> str | None:
     try:
-        with open("/proc/sys/kernel/random/boot_id") as source:
-            return source.read().strip()
-    except OSError:  # not Linux: the boot time identifies the boot just as well
-        return f"boot-{psutil.boot_time():.0f}"
+        return os.readlink("/proc/self/ns/pid")[:64]  # e.g. "pid:[4026531836]"
+    except OSError:
+        return None
 
 
 def this_process() -> Holder:
@@ -65,22 +66,37 @@ def this_process() -> Holder:
     return Holder(
         holder=uuid.uuid4().hex,
         host=socket.gethostname()[:255],
-        boot_id=_boot_id(),
+        boot_id=boot_id(),
         pid=os.getpid(),
         create_time=psutil.Process().create_time(),
+        pid_namespace=_pid_namespace(),
+        start_ticks=start_ticks(os.getpid()),
     )
 
 
-def holder_is_dead(host: str, boot_id: str, pid: int, create_time: float, me: Holder) -> bool:
-    """True only when the holder provably no longer runs (never guesses for another host)."""
+def holder_is_dead(
+    host: str,
+    boot: str,
+    pid: int,
+    create_time: float,
+    me: Holder,
+    pid_namespace: str | None = None,
+    ticks: int | None = None,
+) -> bool:
+    """True only when the holder provably no longer runs (never guesses for another host, or
+    for another PID namespace of this one: its pid numbers are not ours)."""
     if host != me.host:
         return False
-    if boot_id != me.boot_id:
+    if boot != me.boot_id:
         return True  # same host, rebooted since: every process of that boot is gone
+    if pid_namespace is not None and pid_namespace != me.pid_namespace:
+        return False
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return True  # SIGKILLed, not yet reaped by its parent
+        if ticks is not None:
+            return start_ticks(pid) != ticks  # pid reused (immune to wall-clock steps)
         return abs(proc.create_time() - create_time) > CREATE_TIME_SLACK  # pid reused
     except psutil.NoSuchProcess:
         return True
@@ -139,7 +155,15 @@ class Lease:
                     return
                 except IntegrityError:
                     continue  # someone inserted first: look at who it is
-            dead = holder_is_dead(row.host, row.boot_id, row.pid, row.create_time, self.me)
+            dead = holder_is_dead(
+                row.host,
+                row.boot_id,
+                row.pid,
+                row.create_time,
+                self.me,
+                row.pid_namespace,
+                row.start_ticks,
+            )
             expired = row.expires_at < now
             if not (dead or expired):
                 raise SlotBusy(
@@ -180,6 +204,8 @@ class Lease:
             "boot_id": me.boot_id,
             "pid": me.pid,
             "create_time": me.create_time,
+            "pid_namespace": me.pid_namespace,
+            "start_ticks": me.start_ticks,
             "acquired_at": now,
             "heartbeat_at": now,
             "expires_at": now + self.ttl,

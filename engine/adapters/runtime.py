@@ -9,10 +9,11 @@ import secrets
 import socket
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+import psutil
 from pydantic import SecretStr
 
 from engine.adapters import process as proc
@@ -49,12 +50,13 @@ class RealEffects:
         server_api_key: bool = True,
         listen: Literal["tcp", "unix"] = "tcp",
         slot: str = "default",
+        boot_time: Callable[[], float] = psutil.boot_time,  # a test steps the clock with it
     ) -> None:
         self.binary = str(binary.path)
         self.server = binary
         self.run_dir = run_dir
         private_dir(run_dir)  # logs, keys and templates of every server: 0700
-        self.processes = proc.ProcessManager(binary.env, child_env=child_env)
+        self.processes = proc.ProcessManager(binary.env, child_env=child_env, boot_time=boot_time)
         self._server_api_key = server_api_key
         self._listen = listen
         self._journal = journal
@@ -197,6 +199,9 @@ class RealEffects:
 
     def measure(self, process: ServerProcess) -> MemoryUse:
         return measure_server(self._vram, process)
+
+    def identity(self, pid: int) -> tuple[str, int] | None:
+        return self.processes.identity(pid)
 
     def marked_processes(self, journal_id: str) -> list[tuple[int, float, str]]:
         return self.processes.marked_processes(journal_id + "/")

@@ -12,9 +12,12 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError
+
 from engine.adapters.binary import ServerBinaryError
-from engine.adapters.journal import Journal, JournalError
+from engine.adapters.journal import CorruptJournal, Journal, JournalError
 from engine.cli.timeline import parse_until, print_timeline, read_steps, tail
+from engine.core.errors import EngineError
 from engine.core.events import Event, NodeEvent, is_slot_stream
 from engine.core.postmortem import NodeReport
 from engine.core.snapshot import SnapshotError
@@ -52,7 +55,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 def cmd_metrics(args: argparse.Namespace) -> int:
     from engine.metrics import JournalMetrics
 
-    journal = Journal.open(args.journal, create=False)
+    journal = Journal.open(args.journal, create=False, read_only=True)
     try:
         sys.stdout.write(JournalMetrics(journal).render().decode())
     finally:
@@ -127,7 +130,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Replay every slot and check the contract's invariants; 1 on a violation."""
     from engine.core.postmortem import analyse
 
-    journal = Journal.open(args.journal, create=False)
+    journal = Journal.open(args.journal, create=False, read_only=True)
     problems: list[str] = []
     try:
         streams = [s for s in journal.streams() if is_slot_stream(s)]  # not @hub-probes
@@ -224,7 +227,7 @@ def cmd_postmortem(args: argparse.Namespace) -> int:
     if args.health_wait <= 0:
         raise argparse.ArgumentTypeError(f"--health-wait must be positive, not {args.health_wait}")
     since, until = _window(args.since), _window(args.until)
-    journal = Journal.open(args.journal, create=False)
+    journal = Journal.open(args.journal, create=False, read_only=True)
     try:
         node = _node_report(journal)
     finally:
@@ -290,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="print a slot's timeline replayed from the journal")
     replay.add_argument("journal", help="journal file path or SQLAlchemy URL")
     replay.add_argument("--slot", default="default")
-    replay.add_argument("--until", help="stop after this sequence number or ISO time")
+    replay.add_argument(
+        "--until", help="stop after this sequence number or ISO time (UTC unless it says)"
+    )
     replay.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     replay.set_defaults(func=cmd_replay)
 
@@ -341,8 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     postmortem.add_argument("journal", help="journal file path or SQLAlchemy URL")
     postmortem.add_argument("--slot", default="default")
-    postmortem.add_argument("--since", help="from this sequence number or ISO time (UTC)")
-    postmortem.add_argument("--until", help="up to this sequence number or ISO time (UTC)")
+    postmortem.add_argument(
+        "--since", help="from this sequence number or ISO time (UTC unless it says)"
+    )
+    postmortem.add_argument(
+        "--until", help="up to this sequence number or ISO time (UTC unless it says)"
+    )
     postmortem.add_argument(
         "--health-wait",
         type=float,
@@ -380,8 +389,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (JournalError, ServerBinaryError, argparse.ArgumentTypeError) as exc:
-        print(f"studio-engine: error: {exc}", file=sys.stderr)
+    except CorruptJournal as exc:
+        print(f"studio-engine: error: {exc.naming(args.journal)}", file=sys.stderr)
+        return 2
+    except (DBAPIError, UnicodeError) as exc:  # a damaged file met where no guard expected it
+        where = getattr(args, "journal", None) or "journal"
+        cause = str(getattr(exc, "orig", exc)).strip().splitlines()[:1] or [type(exc).__name__]
+        print(f"studio-engine: error: {where}: unreadable journal ({cause[0]})", file=sys.stderr)
+        return 2
+    except (JournalError, EngineError, ServerBinaryError, argparse.ArgumentTypeError) as exc:
+        # One line, whatever the journal holds: a reader wants the file and the event #seq.
+        message = " ".join(str(exc).split())
+        print(f"studio-engine: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import cast
 
 from engine.adapters.feed import Feed
@@ -23,15 +23,17 @@ def parse_until(text: str | None) -> Until:
     if text.isdigit():
         return int(text)
     try:
-        return datetime.fromisoformat(text)
+        moment = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--until takes a sequence number or an ISO time, not {text!r}"
         ) from None
+    # A time without a zone is UTC, as everywhere in studio-engine (the timelines print UTC).
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def read_steps(journal_path: str, slot: str, until: Until) -> list[Step]:
-    journal = Journal.open(journal_path, create=False)
+    journal = Journal.open(journal_path, create=False, read_only=True)
     try:
         if slot not in journal.streams():
             known = ", ".join(s for s in journal.streams() if is_slot_stream(s)) or "none"
@@ -57,7 +59,7 @@ def print_timeline(journal: str, slot: str, until: Until) -> None:
 def tail(location: str, *, slot: str | None, lines: int, follow: bool, as_json: bool) -> None:
     """Print the last `lines` events (of one slot, or of every stream) and, with `follow`,
     each event as any process appends it, until interrupted."""
-    journal = Journal.open(location, create=False)
+    journal = Journal.open(location, create=False, read_only=True)
     try:
         if slot is not None and slot not in journal.streams() and not follow:
             known = ", ".join(s for s in journal.streams() if is_slot_stream(s)) or "none"

@@ -13,3 +13,20 @@ class StepFailed(Exception):
 
 class EngineError(RuntimeError):
     """The engine cannot go on as asked (its slot was taken over, a server would not die)."""
+
+
+class JournalUnavailable(EngineError):
+    """The journal refused a write for good (disk full, lock never released, connection lost).
+
+    Names the journal and the cause, never the SQL or its parameters. Any server this engine
+    started and could not journal was killed before this was raised; the next call (or the
+    crash monitor) reconciles the slot with the journal once it is writable again.
+    """
+
+
+class JournalBusy(EngineError):
+    """Another connection held the journal's write lock past the busy timeout at open."""
+
+
+class EngineClosed(EngineError):
+    """A call on an engine after `close()`: it holds no lease and watches no server."""

@@ -110,6 +110,15 @@ class LoadJoined(BaseEvent):
     joined_load_id: str
 
 
+class LoadSuperseded(BaseEvent):
+    """A load call that ended while queued, before it started: superseded by a newer load or
+    cancelled. Its request and its end in one event, so every call is journaled."""
+
+    type: Literal["load_superseded"] = "load_superseded"
+    spec: LoadSpec
+    reason: str
+
+
 class ModelResolved(BaseEvent):
     type: Literal["model_resolved"] = "model_resolved"
     model: ResolvedModel
@@ -328,6 +337,9 @@ class Spawned(BaseEvent):
     type: Literal["spawned"] = "spawned"
     pid: int
     create_time: float
+    # Linux process identity, immune to wall-clock steps (None in journals written before it).
+    start_ticks: int | None = None
+    boot_id: str | None = None
 
 
 class SpawnRetried(BaseEvent):
@@ -379,6 +391,8 @@ class RecoveryAdopted(BaseEvent):
     type: Literal["recovery_adopted"] = "recovery_adopted"
     pid: int
     create_time: float
+    start_ticks: int | None = None
+    boot_id: str | None = None
 
 
 class OrphanKilled(BaseEvent):
@@ -397,6 +411,7 @@ Event = Annotated[
     LoadRequested
     | LoadShortCircuited
     | LoadJoined
+    | LoadSuperseded
     | ModelResolved
     | AdmissionChecked
     | LaunchPlanned

@@ -94,7 +94,15 @@ def _spawn_started(state: SlotState, e: ev.SpawnStarted) -> Changes:
 @_on(ev.Spawned)
 def _spawned(state: SlotState, e: ev.Spawned) -> Changes:
     assert state.process is not None
-    return dict(process=replace(state.process, pid=e.pid, create_time=e.create_time))
+    return dict(
+        process=replace(
+            state.process,
+            pid=e.pid,
+            create_time=e.create_time,
+            start_ticks=e.start_ticks,
+            boot_id=e.boot_id,
+        )
+    )
 
 
 @_on(ev.SpawnRetried)
@@ -176,7 +184,15 @@ def _unloaded(state: SlotState, e: ev.Unloaded) -> Changes:
 def _recovery_adopted(state: SlotState, e: ev.RecoveryAdopted) -> Changes:
     # The adopted server may have been found by its marker (pid never journaled).
     assert state.process is not None
-    process = replace(state.process, pid=e.pid, create_time=e.create_time)
+    # An adoption without ticks (an older journal) keeps what the spawn of that pid recorded.
+    keep = state.process.pid == e.pid and e.start_ticks is None
+    process = replace(
+        state.process,
+        pid=e.pid,
+        create_time=e.create_time,
+        start_ticks=state.process.start_ticks if keep else e.start_ticks,
+        boot_id=state.process.boot_id if keep else e.boot_id,
+    )
     pending = state.pending
     if pending is None or pending.launch is None or process.load_id != pending.load_id:
         # A ready server stays as it was; a load interrupted before its spawn is dropped.

@@ -39,7 +39,8 @@ TRANSITIONS: Final[tuple[tuple[str, tuple[str, ...], str], ...]] = (
     # A load resolves its model before touching the running server.
     ("load_requested", STABLE, "resolving"),
     ("load_short_circuited", ("ready",), SAME),
-    ("load_joined", (*STABLE, *IN_FLIGHT, "unloading"), SAME),
+    ("load_joined", (*STABLE, *IN_FLIGHT, "unloading", "recovering"), SAME),
+    ("load_superseded", (*STABLE, *IN_FLIGHT, "unloading", "recovering"), SAME),
     ("download_started", ("resolving",), SAME),
     ("file_downloaded", ("resolving",), SAME),
     ("model_resolved", ("resolving",), SAME),

@@ -22,7 +22,7 @@ HEALTH_WAIT_THRESHOLD_S: Final = 60.0
 PHASES: Final = ("resolve", "kill", "settle", "spawn", "warm")
 # Contract violations (DESIGN.md rule 1); every other anomaly is worth a look, not a bug.
 VIOLATIONS: Final = frozenset(
-    {"two_live_processes", "spawn_without_confirmed_kill", "lost_process"}
+    {"two_live_processes", "spawn_without_confirmed_kill", "lost_process", "unended_load"}
     | {"evicted_pinned"}  # the node (@node stream): a pinned server evicted by the node
 )
 
@@ -296,6 +296,37 @@ class _Analysis:
                 self.loads[report.load_id] = report
                 if self.keep(seq, at):
                     self.report.loads.append(report)
+            case ev.LoadSuperseded(spec=spec, reason=reason):
+                report = LoadReport(
+                    load_id=event.load_id or "",
+                    seq=seq,
+                    requested_at=at,
+                    model=spec.model,
+                    settings=_settings(spec),
+                    requested_extra_args=(
+                        None if spec.extra_args is None else list(spec.extra_args)
+                    ),
+                    outcome="cancelled while queued",
+                    error=reason,
+                    ended_at=at,
+                )
+                self.loads[report.load_id] = report
+                if self.keep(seq, at):
+                    self.report.loads.append(report)
+            case ev.LoadJoined(joined_load_id=joined_id):
+                joined = self.loads.get(joined_id)
+                report = LoadReport(
+                    load_id=event.load_id or "",
+                    seq=seq,
+                    requested_at=at,
+                    model=joined.model if joined is not None else "?",
+                    settings=dict(joined.settings) if joined is not None else {},
+                    requested_extra_args=joined.requested_extra_args if joined else None,
+                    outcome=f"joined {joined_id}",
+                    ended_at=at,
+                )
+                if self.keep(seq, at):
+                    self.report.loads.append(report)
             case ev.SpawnStarted():
                 load = self.loads.get(current or "")
                 if load is not None:
@@ -471,6 +502,17 @@ def analyse(
         if keep(seq, event.at):
             analysis.report.timeline.append(Row(seq, event.at, event.type, after.state, event))
         state = after
+    # Every call ends (DESIGN.md rule 11): only the load still in flight at the journal's end
+    # may lack one.
+    in_flight = state.pending.load_id if state.pending is not None else None
+    for load in analysis.loads.values():
+        if load.ended_at is None and load.load_id != in_flight:
+            analysis.anomaly(
+                load.seq,
+                load.requested_at,
+                "unended_load",
+                f"load {load.load_id} was requested but the journal never says how it ended",
+            )
     report = analysis.report
     report.events = len(report.timeline)
     report.final_state = state.state

@@ -13,7 +13,11 @@ from engine.core.events import BinaryIdentity, LaunchPlan, LoadSpec, ResolvedMod
 
 @dataclass(frozen=True, slots=True)
 class ServerProcess:
-    """A llama-server we started. (pid, create_time) is its identity: pids get reused."""
+    """A llama-server we started. (pid, create_time) is its identity: pids get reused.
+
+    On Linux the identity is (boot_id, start_ticks) when known: the start time in clock ticks
+    since boot never moves, while create_time (boot time + ticks) moves with the wall clock.
+    """
 
     pid: int
     create_time: float
@@ -22,6 +26,8 @@ class ServerProcess:
     marker: str
     log_path: str
     socket_path: str | None = None  # listen="unix": the server's socket (port unused)
+    start_ticks: int | None = None
+    boot_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

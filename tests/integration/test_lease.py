@@ -73,11 +73,35 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over(any_journal_url: str
 
 def test_reused_pid_is_not_the_holder(any_journal_url: str) -> None:
     first = _open(any_journal_url)
-    # Our own (live) pid, but another create_time: the pid was reused by someone else.
-    _set_holder(any_journal_url, holder="old-engine", create_time=1.0)
+    # Our own (live) pid, but other start ticks: the pid was reused by someone else.
+    _set_holder(any_journal_url, holder="old-engine", create_time=1.0, start_ticks=1)
     _forget_lease(first)
     first.close()
     _open(any_journal_url).close()
+
+
+def test_a_clock_step_does_not_make_a_live_holder_dead(any_journal_url: str) -> None:
+    first = _open(any_journal_url)
+    # The wall clock stepped an hour since the holder wrote its create_time; its start ticks
+    # (our own live process) still say it is alive.
+    (row,) = _lease_rows(any_journal_url)
+    _set_holder(any_journal_url, holder="old-engine", create_time=row.create_time - 3600)
+    _forget_lease(first)
+    first.close()
+    with pytest.raises(SlotBusy):
+        _open(any_journal_url)
+    _set_holder(any_journal_url, start_ticks=None, create_time=0.0)  # an older engine's row
+    _open(any_journal_url).close()  # without ticks, create_time still decides
+
+
+def test_another_pid_namespace_of_this_host_is_not_checked_by_pid(any_journal_url: str) -> None:
+    first = _open(any_journal_url)
+    # A container with our hostname and boot: pid 999999 means nothing in our namespace.
+    _set_holder(any_journal_url, holder="container", pid=999_999, pid_namespace="pid:[1]")
+    _forget_lease(first)
+    first.close()
+    with pytest.raises(SlotBusy, match="pid 999999"):
+        _open(any_journal_url)
 
 
 def test_other_host_lease_blocks_until_it_expires(any_journal_url: str) -> None:

@@ -92,7 +92,7 @@ def test_cli_exits_non_zero_with_one_clear_line(
     _write(journal_path, ev.LoadRequested(at=1.0, load_id="a", spec=SPEC), ev.Unloaded(at=2.0))
     assert main([command, str(journal_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("studio-engine: error: journal event #2:")
+    assert err.startswith(f"studio-engine: error: {journal_path}: journal event #2:")
     assert "Traceback" not in err
 
 
