@@ -84,8 +84,10 @@ class Decision:
 
 
 def planned_need(model: ev.ResolvedModel, spec: ev.LoadSpec, extra_args: tuple[str, ...]) -> int:
-    """Bytes a launch is planned to need. Today's admission estimate; the launch planner
-    replaces it here when it lands."""
+    """Bytes a launch is planned to need: the admission estimate, which shares the launch
+    planner's KV arithmetic at the least context the plan may give (the explicit one, else
+    the auto-fit floor). Admission runs before the plan (the plan needs the memory settled),
+    and the node replaces this figure with a measured one once the server runs."""
     return admission.estimate(model, spec, extra_args).need
 
 
