@@ -343,7 +343,17 @@ class Node:
                 from engine.adapters.runtime import RealEffects
 
                 assert self._binary is not None and self._run_dir is not None
-                options["effects"] = RealEffects(self._binary, self._run_dir, self.journal)
+                # Per slot: its own log and key folders (retention keeps one slot's live key,
+                # never deletes another's), and the security options Engine.open would apply.
+                options["effects"] = RealEffects(
+                    self._binary,
+                    self._run_dir,
+                    self.journal,
+                    child_env=options.get("child_env"),
+                    server_api_key=options.get("server_api_key", "generate") is not None,
+                    listen=options.get("listen", "tcp"),
+                    slot=name,
+                )
             engine = Engine.open(self.journal, slot=name, run_dir=self._run_dir, **options)
             try:
                 engine.gate = self

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -198,3 +199,31 @@ def test_measure_server_reads_rss_and_the_vram_nvml_attributes_to_the_pid(
     assert abs(use.rss_bytes - me.memory_info().rss) < 64 * MIB and use.rss_bytes > 0
     reused = replace(process, create_time=process.create_time - 100)  # the pid is not ours
     assert measure_server(probe, reused).total == 0
+
+
+def test_each_slot_keeps_its_own_server_key_across_another_slots_reloads(
+    tmp_path: Path, models: list[str]
+) -> None:
+    """Key retention is per slot: slot a's reload must not delete slot b's key, which b's
+    server may not have read yet and which a restart needs to talk to b again."""
+    journal, run = tmp_path / "node.db", tmp_path / "run"
+    node = Node.open(journal, run_dir=run)
+    try:
+        assert node.load("a", {"model_path": models[0]}).ok
+        assert node.load("b", {"model_path": models[1]}).ok
+        assert node.load("a", {"model_path": models[0], "max_seq_length": 512}).ok  # reload
+        b_key = run / "keys" / "b" / f"{node.slot('b').state.process.load_id}.key"  # type: ignore[union-attr]
+        assert b_key.exists(), "slot a's retention deleted slot b's key"
+        node.close(keep_servers=True)
+        node = Node.open(journal, run_dir=run)  # adopts both servers
+        status = node.slot("b").status()
+        assert status.state == "ready" and status.api_key is not None
+        answer = httpx.get(
+            f"{status.base_url}/v1/models",
+            headers={"Authorization": f"Bearer {status.api_key.get_secret_value()}"},
+            trust_env=False,
+            timeout=5,
+        )
+        assert answer.status_code == 200
+    finally:
+        check_closed(node, journal)
