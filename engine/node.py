@@ -18,12 +18,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
 from engine.adapters.binary import ServerBinary, locate_server
+from engine.adapters.feed import Feed, FeedEvent
 from engine.adapters.journal import CorruptJournal, Journal
 from engine.adapters.lease import LEASE_TTL_S, Lease
 from engine.core import events as ev
@@ -321,6 +323,16 @@ class Node:
 
     async def aunload(self, name: str) -> Status:
         return await asyncio.to_thread(self.unload, name)
+
+    def events(self, since: int = 0, *, follow: bool = True) -> Iterator[FeedEvent]:
+        """Every slot's events and the node's own (`@node`) after `since` (a journal seq), as
+        any process journals them; with `follow` it blocks until the node closes."""
+        feed = Feed(self.journal, since=since)
+        yield from feed.follow(self._stop) if follow else feed.poll()
+
+    async def aevents(self, since: int = 0) -> AsyncIterator[FeedEvent]:
+        async for item in Feed(self.journal, since=since).afollow(stop=self._stop):
+            yield item
 
     # --- slots -------------------------------------------------------------------------------
 

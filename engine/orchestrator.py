@@ -516,9 +516,9 @@ class Engine:
 
     async def aevents(self, since: int = 0) -> AsyncIterator[FeedEvent]:
         """`events` for asyncio: follows until the engine closes."""
-        feed = Feed(self.journal, since=since, stream=self.slot)
-        events = feed.follow(self._stop)
-        while (item := await asyncio.to_thread(next, events, None)) is not None:
+        async for item in Feed(self.journal, since=since, stream=self.slot).afollow(
+            stop=self._stop
+        ):
             yield item
 
     async def aload(self, request: LoadRequest | dict[str, Any]) -> LoadResult:

@@ -18,13 +18,28 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from engine.adapters.journal import FEED_CHANNEL, Journal, decode_record
 from engine.core.events import BaseEvent
 
 POLL_S: Final = 0.1
 GAP_TIMEOUT_S: Final = 2.0
+
+
+class Stop(Protocol):
+    def is_set(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Either:
+    """Set when either event is: the caller stopped iterating, or the owner closed."""
+
+    first: threading.Event
+    second: threading.Event
+
+    def is_set(self) -> bool:
+        return self.first.is_set() or self.second.is_set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,11 +122,11 @@ class Feed:
         return self._listener
 
     def follow(
-        self, stop: threading.Event | None = None, *, timeout: float | None = None
+        self, stop: Stop | None = None, *, timeout: float | None = None
     ) -> Iterator[FeedEvent]:
         """Every event as it is committed, until `stop` is set or `timeout` seconds pass
         without a new one (None = forever)."""
-        stop = stop or threading.Event()
+        stop = stop if stop is not None else threading.Event()
         idle_since = time.monotonic()
         try:
             while not stop.is_set():
@@ -126,15 +141,18 @@ class Feed:
         finally:
             self.close()
 
-    async def afollow(self, *, timeout: float | None = None) -> AsyncIterator[FeedEvent]:
-        """`follow` for asyncio: the blocking waits run in a worker thread."""
-        stop = threading.Event()
-        events = self.follow(stop, timeout=timeout)
+    async def afollow(
+        self, *, timeout: float | None = None, stop: threading.Event | None = None
+    ) -> AsyncIterator[FeedEvent]:
+        """`follow` for asyncio: the blocking waits run in a worker thread. Ends when `stop`
+        is set (the owner closed), after `timeout` idle seconds, or when the caller stops."""
+        mine = threading.Event()
+        events = self.follow(_Either(mine, stop) if stop is not None else mine, timeout=timeout)
         try:
             while (item := await asyncio.to_thread(next, events, None)) is not None:
                 yield item
         finally:
-            stop.set()
+            mine.set()  # the worker thread ends at its next poll
 
     def close(self) -> None:
         if self._listener is not None:

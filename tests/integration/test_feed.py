@@ -3,6 +3,7 @@ what another process appends."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 from engine.adapters.feed import Feed, FeedEvent
 from engine.adapters.journal import Journal
 from engine.core import events as ev
+from engine.node import Node
 from engine.orchestrator import Engine
 from tests.fakes import FakeEffects
 
@@ -146,3 +148,30 @@ def test_tail_follow_prints_what_another_process_appends(journal_path: Path) -> 
         tail.wait(5)
     assert [r["event"]["load_id"] for r in lines] == ["l0", "l1", "l2"]
     assert [r["state"] for r in lines] == ["resolving"] * 3
+
+
+def test_node_events_cover_every_slot_and_the_node(journal_path: Path, tiny_model: Path) -> None:
+    node = Node.open(journal_path, effects=FakeEffects(), monitor=False)
+    try:
+        node.load("chat", {"model_path": str(tiny_model)})
+        node.load("embed", {"model_path": str(tiny_model)})
+        streams = {item.stream for item in node.events(follow=False)}
+        assert {"chat", "embed", ev.NODE_STREAM} <= streams
+    finally:
+        node.close()
+
+
+def test_aevents_ends_when_the_engine_closes(journal_path: Path, tiny_model: Path) -> None:
+    engine = Engine.open(journal_path, effects=FakeEffects(), monitor=False)
+    engine.load({"model_path": str(tiny_model)})
+
+    async def collect() -> list[FeedEvent]:
+        seen = []
+        async for item in engine.aevents():
+            seen.append(item)
+            if item.event.kind == "load_succeeded":
+                await asyncio.to_thread(engine.close)  # the stream must end on its own now
+        return seen
+
+    seen = asyncio.run(asyncio.wait_for(collect(), 10))
+    assert [f.event.kind for f in seen][-1] in ("load_succeeded", "unload_requested", "unloaded")
