@@ -92,6 +92,11 @@ def test_random_load_unload_cancel_never_runs_two_servers(
     assert not any(thread.is_alive() for thread in clients), "a client never returned"
     assert max(peak) <= 1, f"two live servers for one slot: {dict(peak)}"
     assert peak[1] > 0, "the sampler never saw a server: the test proved nothing"
-    assert outcomes["loaded"] > 0 and outcomes["cancelled"] > 0, outcomes
+    assert outcomes["cancelled"] > 0, outcomes
+    # 16 threads cancel, unload and supersede every few ms, so on a loaded 2-core machine no
+    # load may get through the storm (the sampler proved servers did start). After it, the
+    # slot must serve again: one uncontested load.
+    calm = real_engine.load(LoadRequest(model_path=str(models[0])))
+    assert calm.status in ("loaded", "already_loaded"), (calm, outcomes)
     # The fixture then closes the engine, checks no marked server is left, and that the
     # journal replays to exactly the live state.
