@@ -19,7 +19,7 @@ from engine.adapters.journal import CorruptJournal, Journal, JournalError
 from engine.cli.timeline import parse_until, print_timeline, read_steps, tail
 from engine.core.errors import EngineError
 from engine.core.events import Event, NodeEvent, is_slot_stream
-from engine.core.postmortem import NodeReport
+from engine.core.node_report import NodeReport
 from engine.core.snapshot import SnapshotError
 from engine.core.snapshot import decode as decode_snapshot
 from engine.core.state import SlotState
@@ -192,7 +192,7 @@ def _node_report(journal: Journal) -> NodeReport:
     """The @node stream analysed (empty without a Node); a garbage row names its seq."""
     from engine.adapters.journal import CorruptJournal
     from engine.core.events import NODE_STREAM, parse_node_event
-    from engine.core.postmortem import analyse_node
+    from engine.core.node_report import analyse_node
 
     def records() -> Iterator[tuple[int, NodeEvent]]:
         for seq, _version, _at, type_, payload in journal.read_rows(NODE_STREAM):
@@ -236,7 +236,7 @@ def cmd_postmortem(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(node.to_json(), indent=2))
         else:
-            from engine.core.postmortem import render_node
+            from engine.core.node_report import render_node
 
             print(render_node(node, args.journal), end="")
         return 0
@@ -260,7 +260,7 @@ def cmd_postmortem(args: argparse.Namespace) -> int:
     else:
         print(render(report, args.journal), end="")
         if node.evictions_of(args.slot):  # why was this slot's server evicted
-            from engine.core.postmortem import render_evictions
+            from engine.core.node_report import render_evictions
 
             print("\n" + render_evictions(node, args.slot), end="")
     return 0

@@ -522,7 +522,7 @@ def analyse(
 # --- text rendering -------------------------------------------------------------------------
 
 
-def _seconds(value: float | None) -> str:
+def seconds(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"
@@ -548,10 +548,10 @@ def render(report: Report, journal: str, tail_lines: int = 10) -> str:
     header += "  ".join(f"{phase:>7}" for phase in PHASES)
     out.append(header)
     for load in report.loads:
-        phases = "  ".join(f"{_seconds(load.phases.get(p)):>7}" for p in PHASES)
+        phases = "  ".join(f"{seconds(load.phases.get(p)):>7}" for p in PHASES)
         out.append(
             f"  {load.seq:>6}  {clock(load.requested_at):23}  {load.load_id:12}  "
-            f"{load.outcome[:28]:28} {_seconds(load.total_s):>8}  {phases}"
+            f"{load.outcome[:28]:28} {seconds(load.total_s):>8}  {phases}"
         )
         settings = " ".join(f"{k}={v}" for k, v in load.settings.items() if v not in (None, False))
         out.append(f"          model {load.model}" + (f"  [{settings}]" if settings else ""))
@@ -611,138 +611,4 @@ def render(report: Report, journal: str, tail_lines: int = 10) -> str:
     for line in report.timeline:
         out.append("  " + row(line.seq, line.at, previous, line.event, line.state))
         previous = line.at
-    return "\n".join(out) + "\n"
-
-
-# --- the node (@node stream): why was a server evicted -------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class EvictionReport:
-    seq: int
-    at: float
-    slot: str
-    cause: str
-    idle_s: float
-    freed_bytes: int
-    pid: int | None
-    for_slot: str | None  # what needed the room
-    for_load_id: str | None
-    for_need_bytes: int | None  # that load's need, from its admission
-    for_model: str | None
-
-    def why(self) -> str:
-        mib = f"{self.freed_bytes / (1 << 20):,.0f} MiB"
-        held = f"idle {_seconds(self.idle_s)}, held {mib}"
-        if self.cause == "ttl":
-            return f"its idle TTL expired ({held})"
-        if self.cause == "manual":
-            return f"stopped on request: unload or node close ({held})"
-        need = (
-            f", needing {self.for_need_bytes / (1 << 20):,.0f} MiB"
-            if self.for_need_bytes is not None
-            else ""
-        )
-        what = f"load {self.for_load_id or '-'} on slot {self.for_slot!r}{need}"
-        limit = "max_servers" if self.cause == "capacity" else "memory"
-        return f"{limit}: made room for {what}; it was the least recently used idle server ({held})"
-
-
-@dataclass(slots=True)
-class NodeReport:
-    events: int = 0
-    evictions: list[EvictionReport] = field(default_factory=list)
-    refusals: list[tuple[int, float, str, str]] = field(default_factory=list)  # seq at slot error
-    anomalies: list[Anomaly] = field(default_factory=list)
-
-    @property
-    def violations(self) -> list[Anomaly]:
-        return [a for a in self.anomalies if a.violation]
-
-    def evictions_of(self, slot: str) -> list[EvictionReport]:
-        return [e for e in self.evictions if e.slot == slot]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "events": self.events,
-            "evictions": [asdict(e) for e in self.evictions],
-            "refusals": [
-                {"seq": s, "at": a, "slot": slot, "error": err} for s, a, slot, err in self.refusals
-            ],
-            "anomalies": [{**asdict(a), "violation": a.violation} for a in self.anomalies],
-        }
-
-
-def analyse_node(records: Iterable[tuple[int, ev.NodeEvent]]) -> NodeReport:
-    """Evictions with their cause and what needed the room, refusals, and a pinned server
-    evicted by the node (a contract violation; a manual unload of a pinned slot is not)."""
-    report = NodeReport()
-    pinned: set[str] = set()
-    admissions: dict[str, ev.NodeAdmission] = {}
-    models: dict[str, str] = {}  # load id -> model (from the measurement once it ran)
-    pending: list[tuple[int, ev.Evicted]] = []
-    for seq, event in records:
-        report.events += 1
-        match event:
-            case ev.SlotPinned():
-                (pinned.add if event.pinned else pinned.discard)(event.slot)
-            case ev.Evicted():
-                pending.append((seq, event))
-                if event.slot in pinned and event.cause != "manual":
-                    report.anomalies.append(
-                        Anomaly(seq, event.at, "evicted_pinned", f"slot {event.slot!r} is pinned")
-                    )
-            case ev.NodeAdmission():
-                if event.load_id is not None:
-                    admissions[event.load_id] = event
-                if event.verdict == "refused":
-                    report.refusals.append((seq, event.at, event.slot, event.error or ""))
-            case ev.ServerMeasured():
-                if event.load_id is not None:
-                    models[event.load_id] = event.spec.model
-    for seq, evicted in pending:  # the admission is journaled after the evictions it made
-        admission = admissions.get(evicted.for_load_id or "")
-        report.evictions.append(
-            EvictionReport(
-                seq=seq,
-                at=evicted.at,
-                slot=evicted.slot,
-                cause=evicted.cause,
-                idle_s=evicted.idle_s,
-                freed_bytes=evicted.freed_bytes,
-                pid=evicted.pid,
-                for_slot=evicted.for_slot,
-                for_load_id=evicted.for_load_id,
-                for_need_bytes=admission.need_bytes if admission else None,
-                for_model=models.get(evicted.for_load_id or ""),
-            )
-        )
-    return report
-
-
-def render_evictions(report: NodeReport, slot: str | None = None) -> str:
-    """`EVICTIONS` section: every eviction (of `slot` only, when given) and why."""
-    from engine.core.timeline import clock
-
-    chosen = report.evictions if slot is None else report.evictions_of(slot)
-    out = [f"EVICTIONS ({len(chosen)})"]
-    for e in chosen:
-        out.append(f"  #{e.seq} {clock(e.at)} {e.slot!r} (pid {e.pid or '-'}): {e.cause}")
-        out.append(f"      why: {e.why()}")
-        if e.for_model:
-            out.append(f"      the load that needed the room ran {e.for_model}")
-    return "\n".join(out) + "\n"
-
-
-def render_node(report: NodeReport, journal: str) -> str:
-    from engine.core.timeline import clock
-
-    out = [f"postmortem of the node (@node) in {journal}: {report.events} events", ""]
-    out.append(render_evictions(report))
-    out.append(f"REFUSED ADMISSIONS ({len(report.refusals)})")
-    out += [f"  #{seq} {clock(at)} {slot!r}: {error}" for seq, at, slot, error in report.refusals]
-    out += ["", f"ANOMALIES ({len(report.anomalies)})"]
-    for anomaly in report.anomalies:
-        flag = "VIOLATION " if anomaly.violation else ""
-        out.append(f"  #{anomaly.seq} {clock(anomaly.at)} {flag}{anomaly.kind}: {anomaly.message}")
     return "\n".join(out) + "\n"
