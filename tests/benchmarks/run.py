@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +173,7 @@ def bench_reload(folder: Path, rounds: int) -> None:
                 t = time.perf_counter()
                 assert engine.load(request).status == "already_loaded"
                 short_circuit.append(time.perf_counter() - t)
-            argv = list(engine.state.serving.argv)  # type: ignore[union-attr]
+            argv = without_key_file(engine.state.serving.argv)  # type: ignore[union-attr]
             engine.unload()
             port = engine.effects.free_port()
             argv[argv.index("--port") + 1] = str(port)
@@ -210,6 +210,15 @@ def bench_reload(folder: Path, rounds: int) -> None:
     )
 
 
+def without_key_file(argv: Sequence[str]) -> list[str]:
+    """`argv` minus `--api-key-file FILE`: a bare server of the same argv needs no key."""
+    out = list(argv)
+    if "--api-key-file" in out:
+        at = out.index("--api-key-file")
+        del out[at : at + 2]
+    return out
+
+
 def bench_kill(folder: Path, rounds: int) -> None:
     """Unload of a ready tiny-model server vs a bare Popen + SIGTERM + wait of the same argv,
     and a changed-setting reload vs a bare SIGTERM + wait + Popen + /health, interleaved."""
@@ -219,19 +228,20 @@ def bench_kill(folder: Path, rounds: int) -> None:
     client = httpx.Client(trust_env=False, timeout=2.0, headers={"Connection": "close"})
 
     def bare_start(argv: list[str], ctx: str | None = None) -> subprocess.Popen[bytes]:
-        argv = list(argv)
+        argv = without_key_file(argv)  # the engine deleted that key with its server
         argv[argv.index("--port") + 1] = str(engine.effects.free_port())
         if ctx is not None:
             argv[argv.index("-c") + 1] = ctx
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{argv[argv.index('--port') + 1]}/health"
-        while True:
+        while proc.poll() is None:
             try:
                 if client.get(url).status_code == 200:
                     return proc
             except httpx.HTTPError:
                 pass
             time.sleep(0.001)
+        raise RuntimeError(f"bare llama-server exited with {proc.returncode}: {argv}")
 
     def bare_stop(proc: subprocess.Popen[bytes]) -> None:
         # Like the engine: SIGTERM, then SIGKILL after a grace. llama-server can miss a SIGTERM
