@@ -49,6 +49,7 @@ from engine.core.decide import (
 )
 from engine.core.errors import EngineError, StepFailed
 from engine.core.evolve import evolve
+from engine.core.failure import classify, fallback_reason
 from engine.core.machine import STABLE
 from engine.core.policy import canonical_allow
 from engine.core.request import LoadRequest, LoadResult, Status, as_request, to_spec
@@ -346,6 +347,8 @@ class Engine:
                 else f"http://127.0.0.1:{process.port}"
             ),
             socket_path=socket_path,
+            last_failure_kind=state.last_failure_kind,
+            fallback_reason=fallback_reason(served.fallbacks) if served is not None else None,
             **launch_status(served),
         )
 
@@ -515,7 +518,9 @@ class Engine:
         except Cancelled as stop:
             return self._abort(flight.load_id, "cancelled", stop.reason)
         except StepFailed as failure:
-            return self._abort(flight.load_id, "failed", failure.error, failure.log_tail)
+            return self._abort(
+                flight.load_id, "failed", failure.error, failure.log_tail, failure.failure_kind
+            )
         except InvalidRequest as invalid:
             return self._abort(flight.load_id, "failed", str(invalid))
         except Exception as exc:  # never leave a half-started server behind
@@ -544,6 +549,7 @@ class Engine:
         outcome: Literal["cancelled", "failed"],
         error: str,
         log_tail: str | None = None,
+        failure_kind: str | None = None,
     ) -> LoadResult:
         error = scrub(error, self._secrets())  # errors reach the journal and the caller
         while self._state.pending is not None and self._state.pending.load_id == load_id:
@@ -552,17 +558,27 @@ class Engine:
                 steps.kill(self, step.reason)
             else:
                 assert isinstance(step, Emit)
+                update = {
+                    "log_tail": scrub_optional(log_tail, self._secrets()),
+                    "failure_kind": failure_kind,
+                }
                 events = [
-                    e.model_copy(update={"log_tail": scrub_optional(log_tail, self._secrets())})
-                    if isinstance(e, ev.LoadFailed)
-                    else e
+                    e.model_copy(update=update) if isinstance(e, ev.LoadFailed) else e
                     for e in step.events
                 ]
                 self._emit_all(events)
-        return self._result(load_id, outcome, error=error, log_tail=log_tail)
+        return self._result(
+            load_id, outcome, error=error, log_tail=log_tail, failure_kind=failure_kind
+        )
 
     def _result(
-        self, load_id: str, status: Any, *, error: str | None = None, log_tail: str | None = None
+        self,
+        load_id: str,
+        status: Any,
+        *,
+        error: str | None = None,
+        log_tail: str | None = None,
+        failure_kind: str | None = None,
     ) -> LoadResult:
         state = self._state
         process = state.process
@@ -576,6 +592,10 @@ class Engine:
             error=scrub_optional(error, self._secrets()),
             log_tail=scrub_optional(log_tail, self._secrets()),
             api_key=self.effects.api_key(process.load_id) if process else None,
+            failure_kind=failure_kind,
+            fallback_reason=(
+                fallback_reason(state.serving.fallbacks) if state.serving is not None else None
+            ),
         )
 
     def _secrets(self) -> list[str]:
@@ -643,12 +663,15 @@ class Engine:
         exited = self.effects.exit_status(process)
         if exited is None:
             return False
+        tail = self.effects.log_tail(process.log_path)
+        failure = classify(exited.returncode, tail, phase="ready")  # we never signal a ready one
         self.emit(
             ev.Crashed(
                 at=self.effects.now(),
                 pid=process.pid,
                 returncode=exited.returncode,
-                log_tail=self.effects.log_tail(process.log_path),
+                log_tail=tail,
+                failure_kind=failure.kind,
             )
         )
         return True
