@@ -9,12 +9,14 @@ journal and only then publishes the new state.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
 import logging
 import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -46,6 +48,7 @@ from engine.core.decide import (
     abort_step,
     decide,
     next_step,
+    respawn_events,
 )
 from engine.core.errors import EngineError, StepFailed
 from engine.core.evolve import evolve
@@ -64,6 +67,19 @@ from engine.steps import AdmissionGate, SlotSettings
 
 log = logging.getLogger("studio-engine")
 
+# Engines open in this interpreter: its exit closes them (honouring each one's keep_server).
+_OPEN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines() -> None:
+    for engine in list(_OPEN_ENGINES):
+        try:
+            engine.close(keep_server=engine.keep_server)
+        except Exception:  # the next engine must still be closed
+            log.exception("closing slot %r at exit failed", engine.slot)
+
+
 KILL_GRACE_S = 5.0
 HEALTH_TIMEOUT_S = 600.0
 MONITOR_INTERVAL_S = 0.25
@@ -78,6 +94,7 @@ class _Flight:
     token: CancelToken = field(default_factory=CancelToken)
     result: Future[LoadResult] = field(default_factory=Future)
     hf_token: SecretStr | None = None  # memory only, for this flight: the spec has its hash
+    respawn: bool = False  # brings back the last successful load (ensure_ready)
 
 
 def _new_load_id() -> str:
@@ -113,7 +130,19 @@ class Engine:
         snapshot_every: int = SNAPSHOT_EVERY,
         allow_flags: frozenset[str] | set[str] | tuple[str, ...] = frozenset(),
         fit_fraction: float = 0.97,
+        respawn: Literal["on_demand", "immediate", "never"] = "on_demand",
+        idle_unload_after: float | None = None,
+        keep_server: bool = False,
     ) -> None:
+        if respawn not in ("on_demand", "immediate", "never"):
+            raise ValueError(
+                f"respawn must be 'on_demand', 'immediate' or 'never', not {respawn!r}"
+            )
+        if idle_unload_after is not None and not idle_unload_after > 0:
+            raise ValueError(f"idle_unload_after must be > 0 seconds, not {idle_unload_after!r}")
+        self.respawn = respawn
+        self.idle_unload_after = idle_unload_after
+        self.keep_server = keep_server  # how the interpreter's exit closes this engine
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0 (0 = off), not {snapshot_every!r}")
         if not 0.80 <= fit_fraction <= 1.00:
@@ -224,10 +253,12 @@ class Engine:
         lease.start()
         if monitor:
             engine._start_monitor()
+        _OPEN_ENGINES.add(engine)
         return engine
 
     def close(self, *, keep_server: bool = False) -> None:
         """Stop the slot. `keep_server=True` leaves a healthy server for the next open to adopt."""
+        _OPEN_ENGINES.discard(self)
         self._stop.set()
         if self._monitor is not None:
             self._monitor.join()
@@ -362,6 +393,11 @@ class Engine:
             capabilities=self.capabilities,
             allow_flags=self.allow_flags,
         )
+        return self._submit(spec, request.hf_token)
+
+    def _submit(
+        self, spec: ev.LoadSpec, hf_token: SecretStr | None, *, respawn: bool = False
+    ) -> LoadResult:
         with self._state_lock:
             joined = next(
                 (f for f in reversed(self._flights) if f.spec == spec and not f.token.cancelled),
@@ -371,7 +407,7 @@ class Engine:
                 for earlier in self._flights:
                     if not same_target(earlier.spec, spec):  # an equivalent one is kept:
                         earlier.token.cancel("superseded by a newer load")  # we short-circuit
-                flight = _Flight(_new_load_id(), spec, hf_token=request.hf_token)
+                flight = _Flight(_new_load_id(), spec, hf_token=hf_token, respawn=respawn)
                 self._flights.append(flight)
         if joined is not None:
             return self._join(joined)
@@ -401,6 +437,61 @@ class Engine:
         with self._state_lock:
             for flight in self._flights:
                 flight.token.cancel(reason)
+
+    def ensure_ready(self, timeout: float | None = None) -> ServerStatus:
+        """Make sure the slot serves, for a backend about to proxy a request: a server that
+        crashed (or died unnoticed) or was unloaded for being idle is brought back with the
+        last successful load (same spec, same extra args), journaled as `respawn_requested`.
+
+        Raises EngineError when there is nothing to bring back (never loaded, unloaded on
+        purpose, failed, a crash loop, `respawn="never"`) or the respawn fails, and
+        TimeoutError (cancelling the respawn) after `timeout` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._serial.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"slot {self.slot!r}: busy for {timeout} s")
+        try:
+            self.check_crashed()  # a server that died since the monitor last looked
+            state = self._state
+            if state.state == "ready":
+                self.touch()
+                return self.status()
+            events = respawn_events(state, self.effects.now())
+            crashed = state.state == "crashed"
+            if not events or (crashed and self.respawn == "never"):
+                raise EngineError(
+                    f"slot {self.slot!r} is {state.state}, with nothing to respawn"
+                    + (f": {state.last_error}" if state.last_error else "")
+                )
+            self.emit(*events)
+            spec = self._state.last_loaded
+            if self._state.state == "failed" or spec is None:  # the crash-loop guard
+                raise EngineError(self._state.last_error or "crash loop")
+        finally:
+            self._serial.release()
+        result = self._respawn_load(spec, deadline)
+        if not result.ok:
+            raise EngineError(f"respawn of slot {self.slot!r} failed: {result.error}")
+        return self.status()
+
+    def _respawn_load(self, spec: ev.LoadSpec, deadline: float | None) -> LoadResult:
+        """Run the respawn's load, cancelling it if it outlives the caller's deadline."""
+        if deadline is None:
+            return self._submit(spec, None, respawn=True)
+        outcome: Future[LoadResult] = Future()
+
+        def run() -> None:
+            try:
+                outcome.set_result(self._submit(spec, None, respawn=True))
+            except BaseException as exc:
+                outcome.set_exception(exc)
+
+        threading.Thread(target=run, name=f"respawn-{self.slot}", daemon=True).start()
+        try:
+            return outcome.result(timeout=max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            self.cancel("ensure_ready timed out")
+            raise TimeoutError(f"slot {self.slot!r} was not ready in time") from None
 
     def events(self, since: int = 0, *, follow: bool = True) -> Iterator[FeedEvent]:
         """The slot's journaled events after `since` (a journal seq), read from the journal, so
@@ -507,7 +598,11 @@ class Engine:
                 "cancelled", flight.load_id, self._state.state, error=flight.token.reason
             )
         command = Load(
-            flight.load_id, flight.spec, self.effects.now(), self.effects.binary_identity()
+            flight.load_id,
+            flight.spec,
+            self.effects.now(),
+            self.effects.binary_identity(),
+            respawn=flight.respawn,
         )
         events = decide(command, self._state)
         self._emit_all(events)
@@ -529,6 +624,7 @@ class Engine:
         process = self._state.process
         if process is None or process.load_id != flight.load_id:  # ended by the core: refused
             return self._result(flight.load_id, "failed", error=self._state.last_error)
+        self.touch()  # a fresh server is not idle
         return self._result(flight.load_id, "loaded")
 
     def _retire_log(self, result: LoadResult) -> None:
@@ -650,9 +746,36 @@ class Engine:
             if not self._serial.acquire(blocking=False):
                 continue  # a load or unload owns the slot and will see the exit itself
             try:
-                self.check_crashed()
+                crashed = self.check_crashed()
             finally:
                 self._serial.release()
+            if crashed and self.respawn == "immediate":
+                self._respawn_now()
+            elif not crashed and self.idle_unload_after is not None:
+                self.unload_if_idle()
+
+    def _respawn_now(self) -> None:
+        try:
+            self.ensure_ready()
+        except EngineError as exc:  # a crash loop, a failed respawn: journaled, status shows it
+            log.warning("slot %r not respawned: %s", self.slot, exc)
+
+    def unload_if_idle(self) -> bool:
+        """Unload the server if unused for `idle_unload_after` seconds (journaled as
+        `unload_requested {reason: "idle"}`); never while `in_use()` or a load holds it."""
+        limit = self.idle_unload_after
+        if limit is None or self._state.state != "ready" or self.idle_s() < limit:
+            return False
+        if not self.claim_idle():
+            return False
+        try:
+            if self._state.state != "ready" or self.idle_s() < limit:
+                return False
+            self.emit(ev.UnloadRequested(at=self.effects.now(), reason="idle"))
+            self._drive(token=None)
+            return True
+        finally:
+            self.release_claim()
 
     def check_crashed(self) -> bool:
         """Journal `crashed` if the ready server exited on its own. Caller holds the slot."""
