@@ -60,7 +60,14 @@ from engine.core.rules import InvalidRequest, same_target
 from engine.core.scrub import scrub, scrub_optional
 from engine.core.snapshot import encode as encode_snapshot
 from engine.core.state import LoadedModel, SlotState
-from engine.effects import Cancelled, CancelToken, DownloadProgress, Effects
+from engine.effects import (
+    Cancelled,
+    CancelToken,
+    DownloadProgress,
+    Effects,
+    LoadPhase,
+    LoadProgress,
+)
 from engine.recovery import recover
 from engine.replay import SNAPSHOT_EVERY, open_state
 from engine.steps import AdmissionGate, SlotSettings
@@ -171,6 +178,9 @@ class Engine:
         self._flights: list[_Flight] = []
         self._observers: list[Callable[[ev.Event, SlotState], None]] = []
         self.download: DownloadProgress | None = None  # per-chunk progress: memory only
+        # progress(): (load id, memory high-water, fraction) of the last load it reported
+        self._progress_lock = threading.Lock()
+        self._progress_high: tuple[str, int, float] = ("", 0, 0.0)
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self._owns_journal = True  # False when a Node shares its journal with its slots
@@ -329,12 +339,46 @@ class Engine:
 
     # --- public API --------------------------------------------------------------------------
 
-    def progress(self) -> DownloadProgress | None:
-        """Bytes done / total per file of the download in flight, None when none is."""
-        download, pending = self.download, self._state.pending
-        if download is None or pending is None or pending.load_id != download.load_id:
-            return None
-        return download
+    def progress(self) -> LoadProgress | None:
+        """How far the load in flight is (`LoadProgress`), the served one's 1.0 once ready,
+        None when nothing loads or serves. Cheap enough to poll every few milliseconds."""
+        state = self._state
+        pending, process, download = state.pending, state.process, self.download
+        model: ev.ResolvedModel | None
+        if pending is None:
+            if state.state != "ready" or process is None or state.serving is None:
+                return None
+            load_id, model = process.load_id, state.serving.model
+        else:
+            load_id, model = pending.load_id, pending.model
+        if download is not None and download.load_id != load_id:
+            download = None
+        total = model.size_bytes + model.mmproj_size_bytes if model is not None else 0
+        downloaded = download.done / download.total if download and download.total else 1.0
+        mapped = 0
+        phase: LoadPhase = "starting"
+        if pending is None:
+            mapped, phase = total, "ready"
+        elif download is not None and model is None:
+            phase = "downloading"
+        elif state.state == "warming" and process is not None and process.pid:
+            use = self.effects.measure(process)
+            mapped, phase = min(use.rss_bytes + use.vram_bytes, total), "loading"
+        with self._progress_lock:
+            last_id, high, last_fraction = self._progress_high
+            if last_id != load_id:
+                high, last_fraction = 0, 0.0
+            high = max(high, mapped)
+            share = 0.5 if download is not None else 0.0  # a download is half the way
+            mapped_fraction = 1.0 if phase == "ready" else min(high / total, 0.99) if total else 0.0
+            fraction = share * downloaded + (1.0 - share) * mapped_fraction
+            fraction = max(fraction, last_fraction)  # never backwards
+            self._progress_high = (load_id, high, fraction)
+        if phase == "downloading" and download is not None:
+            done, of = download.done, download.total
+        else:
+            done, of = high, total
+        return LoadProgress(load_id, phase, done, of, round(fraction, 6), download)
 
     def status(self) -> ServerStatus:
         state = self._state  # one immutable snapshot: never waits for a load in progress
