@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from engine.adapters.binary import locate_server
+from engine.cli.main import main
 from engine.cli.tiny_model import write_tiny_model
 from engine.orchestrator import Engine
 from engine.replay import replay_state
@@ -147,7 +148,7 @@ def test_projector_on_cpu_then_text_only(
 
 
 def test_the_ladder_ends_after_its_rungs(
-    tmp_path: Path, model: Path, open_engine: list[Engine]
+    tmp_path: Path, model: Path, open_engine: list[Engine], capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Never cured: one flash-attention retry, then the load fails with the crash's kind.
     engine = _engine(tmp_path, stand_in(tmp_path, "--never", "kill -SEGV $$"), open_engine)
@@ -160,3 +161,8 @@ def test_the_ladder_ends_after_its_rungs(
         ("spawned", None, None),
         ("load_failed", "crashed", None),
     ]
+    assert main(["postmortem", str(tmp_path / "journal.db")]) == 0
+    text = capsys.readouterr().out
+    assert "ladder rung 1: crashed -> flash_attn_off" in text
+    assert "gave up: it crashed with flash attention" in text
+    assert "error [crashed]: llama-server died of SIGSEGV before it was healthy" in text

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from engine.cli.main import main
 from engine.cli.tiny_model import write_tiny_model
 from engine.core.errors import EngineError
 from engine.orchestrator import Engine
@@ -92,7 +93,7 @@ def test_ensure_ready_respawns_a_killed_server_with_the_same_settings(
 
 
 def test_crashes_in_a_row_end_in_crash_loop_until_a_load(
-    tmp_path: Path, model: Path, opened: list[Engine]
+    tmp_path: Path, model: Path, opened: list[Engine], capsys: pytest.CaptureFixture[str]
 ) -> None:
     engine = _open(tmp_path, opened, monitor=False)
     assert engine.load({"model_path": str(model)}).status == "loaded"
@@ -115,6 +116,19 @@ def test_crashes_in_a_row_end_in_crash_loop_until_a_load(
     assert types[-2:] == ["crashed", "load_failed"]
     assert engine.load({"model_path": str(model)}).status == "loaded"  # a load starts over
     assert engine.status().last_failure_kind is None
+    text = _cli(capsys, "postmortem", str(tmp_path / "journal.db"))
+    assert text.count(") [oom_killed]: llama-server pid") == 3
+    assert "crash loop (load -) [crash_loop]: crash loop: llama-server crashed 3 times" in text
+    assert "RESPAWNS AND IDLE UNLOADS (2)" in text and "respawn after crash" in text
+    diagram = _cli(capsys, "diagram", "--journal", str(tmp_path / "journal.db"), "--stdout")
+    assert "crashed --> crashed : respawn_requested x2" in diagram
+    assert "crashed --> failed : load_failed x1" in diagram
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    capsys.readouterr()
+    assert main(list(args)) == 0
+    return capsys.readouterr().out
 
 
 def test_respawn_immediate_brings_the_server_back_on_its_own(
@@ -150,7 +164,7 @@ def test_respawn_never_leaves_a_crashed_slot_crashed(
 
 
 def test_idle_unload_waits_for_in_use_then_reloads_on_demand(
-    tmp_path: Path, model: Path, opened: list[Engine]
+    tmp_path: Path, model: Path, opened: list[Engine], capsys: pytest.CaptureFixture[str]
 ) -> None:
     engine = _open(tmp_path, opened, idle_unload_after=0.5)
     assert engine.load({"model_path": str(model), **REQUEST}).status == "loaded"
@@ -169,6 +183,8 @@ def test_idle_unload_waits_for_in_use_then_reloads_on_demand(
     assert status.extra_args == ("--top-k", "20", "--seed", "42")
     respawns = [e for _, t, e in journal(engine) if t == "respawn_requested"]
     assert [(e["reason"], e["after_crash_seq"]) for e in respawns] == [("idle", None)]
+    text = _cli(capsys, "postmortem", str(tmp_path / "journal.db"))
+    assert "idle unload:" in text and "respawn after idle unload" in text
 
 
 def test_an_explicit_unload_is_not_brought_back(
