@@ -841,7 +841,17 @@ class Engine:
                 failure_kind=failure.kind,
             )
         )
+        self._after_crash()
         return True
+
+    def _after_crash(self) -> None:
+        """The crash-loop guard, at once: the slot goes to `failed` (crash_loop) instead of
+        waiting in `crashed` for a respawn that would be refused."""
+        if self.respawn == "never":
+            return  # nothing respawns, so nothing loops
+        events = respawn_events(self._state, self.effects.now())
+        if events and isinstance(events[0], ev.LoadFailed):
+            self.emit(*events)
 
     # --- recovery ----------------------------------------------------------------------------
 
