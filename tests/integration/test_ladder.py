@@ -166,3 +166,19 @@ def test_the_ladder_ends_after_its_rungs(
     assert "ladder rung 1: crashed -> flash_attn_off" in text
     assert "gave up: it crashed with flash attention" in text
     assert "error [crashed]: llama-server died of SIGSEGV before it was healthy" in text
+
+
+def test_cancel_is_checked_between_rungs(
+    tmp_path: Path, model: Path, open_engine: list[Engine]
+) -> None:
+    engine = _engine(tmp_path, stand_in(tmp_path, "--never", "kill -SEGV $$"), open_engine)
+    engine.observe(
+        lambda event, _: (
+            engine.cancel("user pressed stop") if event.type == "spawn_retried" else None
+        )
+    )
+    result = engine.load({"model_path": str(model)})
+    assert result.status == "cancelled" and result.error == "user pressed stop"
+    types = [row[3] for row in engine.journal.read_rows("default")]
+    assert types.count("spawned") == 1  # the next rung never spawned
+    assert types[types.index("spawn_retried") + 1] == "load_cancelled"

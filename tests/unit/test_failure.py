@@ -7,8 +7,13 @@ strings, filled in as llama.cpp fills them, each with the source file it comes f
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from engine.core import events as ev
+from engine.core.decide import respawn_events
+from engine.core.evolve import evolve
 from engine.core.failure import (
     Failure,
     apply_fallbacks,
@@ -16,6 +21,7 @@ from engine.core.failure import (
     fallback_reason,
     next_rung,
 )
+from engine.core.state import LoadedModel, ServerProcess, SlotState
 
 # ggml/src/ggml-cuda/ggml-cuda.cu, ggml_backend_cuda_buffer_type_alloc_buffer:
 #   GGML_LOG_ERROR("%s: allocating %.2f MiB on device %d: cudaMalloc failed: %s\n", __func__,
@@ -95,3 +101,21 @@ def test_fallbacks_rewrite_the_command_line_last_wins() -> None:
     )
     assert fallback_reason(("new_port",)) is None
     assert "flash attention is off" in (fallback_reason(("new_port", "flash_attn_off")) or "")
+
+
+def test_crash_loop_counts_crashes_within_five_minutes() -> None:
+    spec = ev.LoadSpec(model="/m/a.gguf")
+    model = ev.ResolvedModel(source="file:/m/a.gguf", model_file="/m/a.gguf")
+    served = LoadedModel(spec, model, (), None, ())
+    state = SlotState(last_loaded=spec)
+    verdicts = []
+    for at in (0.0, 100.0, 400.0, 420.0, 430.0):  # 0 and 100 are over 5 minutes old by 430
+        # A served server again (as after a respawn), with the crash history kept.
+        state = replace(state, state="ready", process=ServerProcess(7, 1.0, 9000, "a", "m", "/l"))
+        state = evolve(replace(state, serving=served), ev.Crashed(at=at, pid=7))
+        verdicts.append([e.type for e in respawn_events(state, at)])
+    assert verdicts == [["respawn_requested"]] * 4 + [["load_failed"]]
+    assert state.crash_times == (400.0, 420.0, 430.0)
+    (failed,) = respawn_events(state, 430.0)
+    assert isinstance(failed, ev.LoadFailed) and failed.failure_kind == "crash_loop"
+    assert respawn_events(state, 800.0)[0].type == "respawn_requested"  # the window moved on
