@@ -123,6 +123,11 @@ def test_crashes_in_a_row_end_in_crash_loop_until_a_load(
     diagram = _cli(capsys, "diagram", "--journal", str(tmp_path / "journal.db"), "--stdout")
     assert "crashed --> crashed : respawn_requested x2" in diagram
     assert "crashed --> failed : load_failed x1" in diagram
+    page = tmp_path / "report.html"
+    _cli(capsys, "postmortem", str(tmp_path / "journal.db"), "--html", str(page))
+    html = page.read_text()
+    assert "crashed [oom_killed]" in html and "[crash_loop]" in html
+    assert html.count("respawn after crash") == 2
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> str:
