@@ -60,9 +60,16 @@ _PATTERNS: Final[tuple[tuple[FailureKind, re.Pattern[str]], ...]] = (
         ),
     ),
 )
-# Hints for the ladder: the subsystem a start failure came from (llama.cpp's messages).
-_PROJECTOR = re.compile(r"failed to load multimodal model|clip_init|clip_model_loader|mtmd_init")
-_SPECULATIVE = re.compile(r"draft model|speculative", re.I)
+# Hints for the ladder: the subsystem a start failure came from, read from its *failure* lines
+# only (llama-server logs "clip_model_loader: ..." and speculative settings on every start).
+_FAILED = r"(?:error|failed|unable|cannot)"
+_PROJECTOR = re.compile(
+    rf"failed to load multimodal model|^.*(?:clip|mmproj|mtmd).*{_FAILED}.*$", re.I | re.M
+)
+_SPECULATIVE = re.compile(
+    rf"^.*(?:draft|speculative).*{_FAILED}.*$|^.*{_FAILED}.*(?:draft|speculative).*$",
+    re.I | re.M,
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,6 +88,19 @@ def test_ladder_rungs() -> None:
     assert next_rung(port, "", ARGV, ("new_port", "new_port", "new_port")) is None  # 3 at most
 
 
+def test_ladder_hints_come_from_failure_lines_only() -> None:
+    # Lines every vision / speculative start prints: no projector or speculative rung for a
+    # start that failed for another reason.
+    info = (
+        "0.00.300.000 I clip_model_loader: model name:   tiny\n"
+        "0.00.300.100 I srv    load_model: speculative decoding: ngram-mod, n_max 64\n"
+        "0.00.400.000 E llama_model_load: error loading model: something else\n"
+    )
+    failure = classify(1, info)
+    vision = (*ARGV, "--mmproj", "p.gguf")
+    assert next_rung(failure, info, vision, ()) is None
+
+
 def test_fallbacks_rewrite_the_command_line_last_wins() -> None:
     vision = (*ARGV, "--mmproj", "p.gguf", "--flash-attn", "on")
     line = apply_fallbacks(
