@@ -87,6 +87,26 @@ class DownloadProgress:
         return sum(f.total for f in self.files)
 
 
+LoadPhase = Literal["downloading", "starting", "loading", "ready"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadProgress:
+    """What `Engine.progress()` returns for the load in flight (or the one just served).
+
+    `fraction` covers the whole load and never goes backwards: the download (half of it when
+    the load downloads), then the weights mapped while `loading` (the server's RSS + VRAM
+    high-water against the model's bytes, at most 0.99 until healthy), 1.0 once `ready`.
+    """
+
+    load_id: str
+    phase: LoadPhase
+    bytes_done: int  # downloaded while downloading, else mapped (memory high-water)
+    bytes_total: int
+    fraction: float
+    download: DownloadProgress | None = None  # per file, for a load that downloads
+
+
 class DownloadListener(Protocol):
     """Told about a download as it goes. `started` and `finished` are journaled (coarse grain);
     `advanced` is called per chunk and must stay cheap (memory only)."""

@@ -9,11 +9,13 @@ journal and only then publishes the new state.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
@@ -46,9 +48,11 @@ from engine.core.decide import (
     abort_step,
     decide,
     next_step,
+    respawn_events,
 )
 from engine.core.errors import EngineClosed, EngineError, JournalUnavailable, StepFailed
 from engine.core.evolve import evolve
+from engine.core.failure import classify, fallback_reason
 from engine.core.machine import STABLE
 from engine.core.policy import canonical_allow
 from engine.core.request import LoadRequest, LoadResult, Status, as_request, to_spec
@@ -56,12 +60,32 @@ from engine.core.rules import InvalidRequest, same_target
 from engine.core.scrub import scrub, scrub_optional
 from engine.core.snapshot import encode as encode_snapshot
 from engine.core.state import LoadedModel, SlotState
-from engine.effects import Cancelled, CancelToken, DownloadProgress, Effects
+from engine.effects import (
+    Cancelled,
+    CancelToken,
+    DownloadProgress,
+    Effects,
+    LoadPhase,
+    LoadProgress,
+)
 from engine.recovery import recover
 from engine.replay import SNAPSHOT_EVERY, open_state, replay_state
 from engine.steps import AdmissionGate, SlotSettings
 
 log = logging.getLogger("studio-engine")
+
+# Engines open in this interpreter: its exit closes them (honouring each one's keep_server).
+_OPEN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines() -> None:
+    for engine in list(_OPEN_ENGINES):
+        try:
+            engine.close(keep_server=engine.keep_server)
+        except Exception:  # the next engine must still be closed
+            log.exception("closing slot %r at exit failed", engine.slot)
+
 
 KILL_GRACE_S = 5.0
 HEALTH_TIMEOUT_S = 600.0
@@ -92,6 +116,7 @@ class _Flight:
     token: CancelToken = field(default_factory=CancelToken)
     result: Future[LoadResult] = field(default_factory=Future)
     hf_token: SecretStr | None = None  # memory only, for this flight: the spec has its hash
+    respawn: bool = False  # brings back the last successful load (ensure_ready)
 
 
 def _new_load_id() -> str:
@@ -132,7 +157,19 @@ class Engine:
         allow_flags: frozenset[str] | set[str] | tuple[str, ...] = frozenset(),
         fit_fraction: float = 0.97,
         initial_state: SlotState | None = None,
+        respawn: Literal["on_demand", "immediate", "never"] = "on_demand",
+        idle_unload_after: float | None = None,
+        keep_server: bool = False,
     ) -> None:
+        if respawn not in ("on_demand", "immediate", "never"):
+            raise ValueError(
+                f"respawn must be 'on_demand', 'immediate' or 'never', not {respawn!r}"
+            )
+        if idle_unload_after is not None and not idle_unload_after > 0:
+            raise ValueError(f"idle_unload_after must be > 0 seconds, not {idle_unload_after!r}")
+        self.respawn = respawn
+        self.idle_unload_after = idle_unload_after
+        self.keep_server = keep_server  # how the interpreter's exit closes this engine
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0 (0 = off), not {snapshot_every!r}")
         if not 0.80 <= fit_fraction <= 1.00:
@@ -165,6 +202,9 @@ class Engine:
         self._flights: list[_Flight] = []
         self._observers: list[Callable[[ev.Event, SlotState], None]] = []
         self.download: DownloadProgress | None = None  # per-chunk progress: memory only
+        # progress(): (load id, memory high-water, fraction) of the last load it reported
+        self._progress_lock = threading.Lock()
+        self._progress_high: tuple[str, int, float] = ("", 0, 0.0)
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self._owns_journal = True  # False when a Node shares its journal with its slots
@@ -265,6 +305,7 @@ class Engine:
         lease.start()
         if monitor:
             engine._start_monitor()
+        _OPEN_ENGINES.add(engine)
         return engine
 
     def close(self, *, keep_server: bool = False) -> None:
@@ -273,6 +314,7 @@ class Engine:
         Every other call on a closed engine raises `engine.EngineClosed`; closing twice is a
         no-op.
         """
+        _OPEN_ENGINES.discard(self)
         with self._state_lock:
             if self._closed:
                 return
@@ -385,13 +427,47 @@ class Engine:
             recover(self, cause="a journal write failure")
             self._unreconciled = False
 
-    def progress(self) -> DownloadProgress | None:
-        """Bytes done / total per file of the download in flight, None when none is."""
+    def progress(self) -> LoadProgress | None:
+        """How far the load in flight is (`LoadProgress`), the served one's 1.0 once ready,
+        None when nothing loads or serves. Cheap enough to poll every few milliseconds."""
         self._check_open()
-        download, pending = self.download, self._state.pending
-        if download is None or pending is None or pending.load_id != download.load_id:
-            return None
-        return download
+        state = self._state
+        pending, process, download = state.pending, state.process, self.download
+        model: ev.ResolvedModel | None
+        if pending is None:
+            if state.state != "ready" or process is None or state.serving is None:
+                return None
+            load_id, model = process.load_id, state.serving.model
+        else:
+            load_id, model = pending.load_id, pending.model
+        if download is not None and download.load_id != load_id:
+            download = None
+        total = model.size_bytes + model.mmproj_size_bytes if model is not None else 0
+        downloaded = download.done / download.total if download and download.total else 1.0
+        mapped = 0
+        phase: LoadPhase = "starting"
+        if pending is None:
+            mapped, phase = total, "ready"
+        elif download is not None and model is None:
+            phase = "downloading"
+        elif state.state == "warming" and process is not None and process.pid:
+            use = self.effects.measure(process)
+            mapped, phase = min(use.rss_bytes + use.vram_bytes, total), "loading"
+        with self._progress_lock:
+            last_id, high, last_fraction = self._progress_high
+            if last_id != load_id:
+                high, last_fraction = 0, 0.0
+            high = max(high, mapped)
+            share = 0.5 if download is not None else 0.0  # a download is half the way
+            mapped_fraction = 1.0 if phase == "ready" else min(high / total, 0.99) if total else 0.0
+            fraction = share * downloaded + (1.0 - share) * mapped_fraction
+            fraction = max(fraction, last_fraction)  # never backwards
+            self._progress_high = (load_id, high, fraction)
+        if phase == "downloading" and download is not None:
+            done, of = download.done, download.total
+        else:
+            done, of = high, total
+        return LoadProgress(load_id, phase, done, of, round(fraction, 6), download)
 
     def status(self) -> ServerStatus:
         self._check_open()
@@ -436,6 +512,8 @@ class Engine:
                 else f"http://127.0.0.1:{process.port}"
             ),
             socket_path=socket_path,
+            last_failure_kind=state.last_failure_kind,
+            fallback_reason=fallback_reason(served.fallbacks) if served is not None else None,
             **launch_status(served),
         )
 
@@ -450,6 +528,11 @@ class Engine:
             capabilities=self.capabilities,
             allow_flags=self.allow_flags,
         )
+        return self._submit(spec, request.hf_token)
+
+    def _submit(
+        self, spec: ev.LoadSpec, hf_token: SecretStr | None, *, respawn: bool = False
+    ) -> LoadResult:
         with self._state_lock:
             self._check_open()  # close() may have won the race for the lock
             joined = next(
@@ -460,7 +543,7 @@ class Engine:
                 for earlier in self._flights:
                     if not same_target(earlier.spec, spec):  # an equivalent one is kept:
                         earlier.token.cancel("superseded by a newer load")  # we short-circuit
-                flight = _Flight(_new_load_id(), spec, hf_token=request.hf_token)
+                flight = _Flight(_new_load_id(), spec, hf_token=hf_token, respawn=respawn)
                 self._flights.append(flight)
         if joined is not None:
             return self._join(joined)
@@ -503,6 +586,61 @@ class Engine:
         with self._state_lock:
             for flight in self._flights:
                 flight.token.cancel(reason)
+
+    def ensure_ready(self, timeout: float | None = None) -> ServerStatus:
+        """Make sure the slot serves, for a backend about to proxy a request: a server that
+        crashed (or died unnoticed) or was unloaded for being idle is brought back with the
+        last successful load (same spec, same extra args), journaled as `respawn_requested`.
+
+        Raises EngineError when there is nothing to bring back (never loaded, unloaded on
+        purpose, failed, a crash loop, `respawn="never"`) or the respawn fails, and
+        TimeoutError (cancelling the respawn) after `timeout` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._serial.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"slot {self.slot!r}: busy for {timeout} s")
+        try:
+            self.check_crashed()  # a server that died since the monitor last looked
+            state = self._state
+            if state.state == "ready":
+                self.touch()
+                return self.status()
+            events = respawn_events(state, self.effects.now())
+            crashed = state.state == "crashed"
+            if not events or (crashed and self.respawn == "never"):
+                raise EngineError(
+                    f"slot {self.slot!r} is {state.state}, with nothing to respawn"
+                    + (f": {state.last_error}" if state.last_error else "")
+                )
+            self.emit(*events)
+            spec = self._state.last_loaded
+            if self._state.state == "failed" or spec is None:  # the crash-loop guard
+                raise EngineError(self._state.last_error or "crash loop")
+        finally:
+            self._serial.release()
+        result = self._respawn_load(spec, deadline)
+        if not result.ok:
+            raise EngineError(f"respawn of slot {self.slot!r} failed: {result.error}")
+        return self.status()
+
+    def _respawn_load(self, spec: ev.LoadSpec, deadline: float | None) -> LoadResult:
+        """Run the respawn's load, cancelling it if it outlives the caller's deadline."""
+        if deadline is None:
+            return self._submit(spec, None, respawn=True)
+        outcome: Future[LoadResult] = Future()
+
+        def run() -> None:
+            try:
+                outcome.set_result(self._submit(spec, None, respawn=True))
+            except BaseException as exc:
+                outcome.set_exception(exc)
+
+        threading.Thread(target=run, name=f"respawn-{self.slot}", daemon=True).start()
+        try:
+            return outcome.result(timeout=max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            self.cancel("ensure_ready timed out")
+            raise TimeoutError(f"slot {self.slot!r} was not ready in time") from None
 
     def events(self, since: int = 0, *, follow: bool = True) -> Iterator[FeedEvent]:
         """The slot's journaled events after `since` (a journal seq), read from the journal, so
@@ -620,7 +758,11 @@ class Engine:
                 "cancelled", flight.load_id, self._state.state, error=flight.token.reason
             )
         command = Load(
-            flight.load_id, flight.spec, self.effects.now(), self.effects.binary_identity()
+            flight.load_id,
+            flight.spec,
+            self.effects.now(),
+            self.effects.binary_identity(),
+            respawn=flight.respawn,
         )
         events = decide(command, self._state)
         self._emit_all(events)
@@ -636,7 +778,9 @@ class Engine:
         except Cancelled as stop:
             return self._abort(flight.load_id, "cancelled", stop.reason)
         except StepFailed as failure:
-            return self._abort(flight.load_id, "failed", failure.error, failure.log_tail)
+            return self._abort(
+                flight.load_id, "failed", failure.error, failure.log_tail, failure.failure_kind
+            )
         except InvalidRequest as invalid:
             return self._abort(flight.load_id, "failed", str(invalid))
         except Exception as exc:  # never leave a half-started server behind
@@ -645,6 +789,7 @@ class Engine:
         process = self._state.process
         if process is None or process.load_id != flight.load_id:  # ended by the core: refused
             return self._result(flight.load_id, "failed", error=self._state.last_error)
+        self.touch()  # a fresh server is not idle
         return self._result(flight.load_id, "loaded")
 
     def _retire_log(self, result: LoadResult) -> None:
@@ -665,6 +810,7 @@ class Engine:
         outcome: Literal["cancelled", "failed"],
         error: str,
         log_tail: str | None = None,
+        failure_kind: str | None = None,
     ) -> LoadResult:
         error = scrub(error, self._secrets())  # errors reach the journal and the caller
         while self._state.pending is not None and self._state.pending.load_id == load_id:
@@ -673,17 +819,27 @@ class Engine:
                 steps.kill(self, step.reason)
             else:
                 assert isinstance(step, Emit)
+                update = {
+                    "log_tail": scrub_optional(log_tail, self._secrets()),
+                    "failure_kind": failure_kind,
+                }
                 events = [
-                    e.model_copy(update={"log_tail": scrub_optional(log_tail, self._secrets())})
-                    if isinstance(e, ev.LoadFailed)
-                    else e
+                    e.model_copy(update=update) if isinstance(e, ev.LoadFailed) else e
                     for e in step.events
                 ]
                 self._emit_all(events)
-        return self._result(load_id, outcome, error=error, log_tail=log_tail)
+        return self._result(
+            load_id, outcome, error=error, log_tail=log_tail, failure_kind=failure_kind
+        )
 
     def _result(
-        self, load_id: str, status: Any, *, error: str | None = None, log_tail: str | None = None
+        self,
+        load_id: str,
+        status: Any,
+        *,
+        error: str | None = None,
+        log_tail: str | None = None,
+        failure_kind: str | None = None,
     ) -> LoadResult:
         state = self._state
         process = state.process
@@ -697,6 +853,10 @@ class Engine:
             error=scrub_optional(error, self._secrets()),
             log_tail=scrub_optional(log_tail, self._secrets()),
             api_key=self.effects.api_key(process.load_id) if process else None,
+            failure_kind=failure_kind,
+            fallback_reason=(
+                fallback_reason(state.serving.fallbacks) if state.serving is not None else None
+            ),
         )
 
     def _secrets(self) -> list[str]:
@@ -763,9 +923,36 @@ class Engine:
             return  # a load or unload owns the slot and will see the exit itself
         try:
             self._reconcile()
-            self.check_crashed()
+            crashed = self.check_crashed()
         finally:
             self._serial.release()
+        if crashed and self.respawn == "immediate":
+            self._respawn_now()
+        elif not crashed and self.idle_unload_after is not None:
+            self.unload_if_idle()
+
+    def _respawn_now(self) -> None:
+        try:
+            self.ensure_ready()
+        except EngineError as exc:  # a crash loop, a failed respawn: journaled, status shows it
+            log.warning("slot %r not respawned: %s", self.slot, exc)
+
+    def unload_if_idle(self) -> bool:
+        """Unload the server if unused for `idle_unload_after` seconds (journaled as
+        `unload_requested {reason: "idle"}`); never while `in_use()` or a load holds it."""
+        limit = self.idle_unload_after
+        if limit is None or self._state.state != "ready" or self.idle_s() < limit:
+            return False
+        if not self.claim_idle():
+            return False
+        try:
+            if self._state.state != "ready" or self.idle_s() < limit:
+                return False
+            self.emit(ev.UnloadRequested(at=self.effects.now(), reason="idle"))
+            self._drive(token=None)
+            return True
+        finally:
+            self.release_claim()
 
     def check_crashed(self) -> bool:
         """Journal `crashed` if the ready server exited on its own. Caller holds the slot."""
@@ -776,15 +963,28 @@ class Engine:
         exited = self.effects.exit_status(process)
         if exited is None:
             return False
+        tail = self.effects.log_tail(process.log_path)
+        failure = classify(exited.returncode, tail, phase="ready")  # we never signal a ready one
         self.emit(
             ev.Crashed(
                 at=self.effects.now(),
                 pid=process.pid,
                 returncode=exited.returncode,
-                log_tail=self.effects.log_tail(process.log_path),
+                log_tail=tail,
+                failure_kind=failure.kind,
             )
         )
+        self._after_crash()
         return True
+
+    def _after_crash(self) -> None:
+        """The crash-loop guard, at once: the slot goes to `failed` (crash_loop) instead of
+        waiting in `crashed` for a respawn that would be refused."""
+        if self.respawn == "never":
+            return  # nothing respawns, so nothing loops
+        events = respawn_events(self._state, self.effects.now())
+        if events and isinstance(events[0], ev.LoadFailed):
+            self.emit(*events)
 
     # --- recovery ----------------------------------------------------------------------------
 

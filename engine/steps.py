@@ -10,7 +10,6 @@ engine.recovery imports the orchestrator.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -24,15 +23,21 @@ from engine.core import admission
 from engine.core import events as ev
 from engine.core.cmdline import build_argv
 from engine.core.errors import EngineError, StepFailed
+from engine.core.failure import (
+    MAX_RETRIES,
+    Change,
+    FailureKind,
+    apply_fallbacks,
+    classify,
+    next_rung,
+)
 from engine.core.plan import plan_launch, unservable
 from engine.core.policy import check_extra_args
 from engine.core.rules import effective_extra_args
 from engine.core.state import ServerProcess, SlotState
 from engine.effects import CancelToken, DownloadProgress, Effects, Exited, FileProgress
 
-MAX_SPAWN_RETRIES = 3
-# What llama-server logs when another socket holds its port.
-PORT_IN_USE = re.compile(r"couldn't bind|address already in use", re.IGNORECASE)
+MAX_SPAWN_RETRIES = MAX_RETRIES
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +114,7 @@ def resolve(engine: Slot, token: CancelToken) -> None:
     known = engine.effects.lists_architecture(model.architecture) if model.architecture else None
     refusal = unservable(model, known)
     if refusal is not None:
-        raise StepFailed(refusal)
+        raise StepFailed(refusal, None, "unknown_architecture" if known is False else None)
 
 
 def admit(engine: Slot, token: CancelToken | None = None) -> None:
@@ -271,6 +276,7 @@ def spawn(engine: Slot, token: CancelToken) -> None:
         host=socket_path or "127.0.0.1",
         plan=launch,
     )
+    argv = apply_fallbacks(argv, pending.fallbacks)  # the retry ladder's rungs so far
     # Pin the planned GPUs; a CPU-only plan leaves the environment alone.
     visible = ",".join(map(str, launch.gpus)) if launch.gpus else None
     marker = make_marker(engine.journal_id, engine.slot, pending.load_id)
@@ -337,12 +343,12 @@ def await_health(engine: Slot, token: CancelToken) -> None:
                 at=effects.now(), load_id=pending.load_id, error=str(exc), log_tail=tail
             )
         )
-        raise StepFailed(str(exc), tail) from exc
+        raise StepFailed(str(exc), tail, "health_timeout") from exc
     # A Unix socket lives in our 0700 run folder: nobody else can have bound it.
     foreign = process.socket_path is None and not effects.owns_port(process.pid, process.port)
     if exited is None and foreign:
         # A 200 from a listener that is not our server: never `loaded` on someone else's port.
-        retry_spawn(engine, exited)
+        retry_spawn(engine, exited, "port_in_use", "new_port")
         return
     if exited is None:
         waited = round(effects.monotonic() - start, 6)
@@ -355,13 +361,16 @@ def await_health(engine: Slot, token: CancelToken) -> None:
         )
         return
     tail = effects.log_tail(process.log_path)
-    if PORT_IN_USE.search(tail):
-        retry_spawn(engine, exited)
+    failure = classify(exited.returncode, tail, phase="starting")
+    if failure.kind == "port_in_use":
+        retry_spawn(engine, exited, failure.kind, "new_port")
         return
-    error = f"llama-server exited with code {exited.returncode} before it was healthy"
-    reported = server_error(tail)
-    if reported:
-        error += f": {reported}"
+    argv = pending.launch.argv if pending.launch is not None else ()
+    change = next_rung(failure, tail, argv, pending.fallbacks)
+    if change is not None:
+        retry_spawn(engine, exited, failure.kind, change)
+        return
+    error = failure.message
     engine.emit(
         ev.HealthFailed(
             at=effects.now(),
@@ -377,12 +386,15 @@ def await_health(engine: Slot, token: CancelToken) -> None:
             returncode=exited.returncode,
         ),
     )
-    raise StepFailed(error, tail)
+    raise StepFailed(error, tail, failure.kind)
 
 
-def retry_spawn(engine: Slot, exited: Exited | None) -> None:
-    """Our server could not own its port: make sure it is dead, then spawn again on a new
-    port (journaled as spawn_retried), at most MAX_SPAWN_RETRIES times."""
+def retry_spawn(
+    engine: Slot, exited: Exited | None, failure_kind: FailureKind, change: Change
+) -> None:
+    """Make sure the failed server is dead, then spawn again with `change` (journaled as
+    spawn_retried), at most MAX_SPAWN_RETRIES times per load. The previous server is long
+    gone: only this load's own servers are involved."""
     state = engine.state
     process, pending = state.process, state.pending
     assert process is not None and pending is not None
@@ -394,7 +406,7 @@ def retry_spawn(engine: Slot, exited: Exited | None) -> None:
         )
         tail = effects.log_tail(process.log_path)
         engine.emit(ev.HealthFailed(at=effects.now(), load_id=pending.load_id, error=error))
-        raise StepFailed(error, tail)  # the abort kills our server if it still runs
+        raise StepFailed(error, tail, failure_kind)  # the abort kills our server if it runs
     if exited is None:
         kill(engine, "failure")
     else:
@@ -411,8 +423,9 @@ def retry_spawn(engine: Slot, exited: Exited | None) -> None:
             at=effects.now(),
             load_id=pending.load_id,
             attempt=pending.spawn_retries + 1,
-            failure_kind="port_in_use",
+            failure_kind=failure_kind,
             port=process.port,
+            change=change,
         )
     )
 
@@ -463,12 +476,3 @@ class DownloadRecorder:
                 seconds=round(seconds, 6),
             )
         )
-
-
-def server_error(log_tail: str) -> str | None:
-    """The server's own last error line, for the user-facing message."""
-    for line in reversed(log_tail.splitlines()):
-        text = line.strip()
-        if "error" in text.lower() or "failed" in text.lower():
-            return text[-300:]
-    return None

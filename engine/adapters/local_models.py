@@ -53,7 +53,7 @@ def describe_model(
     try:
         header = read_header(model_file)
     except NotAGguf as exc:
-        raise StepFailed(str(exc)) from exc
+        raise StepFailed(str(exc), None, "invalid_model_file") from exc
     return ResolvedModel(
         source=source,
         model_file=str(model_file),

@@ -14,7 +14,7 @@ from engine.cli.diagram import write_diagrams
 from engine.cli.timeline import print_timeline
 from engine.cli.tiny_model import write_tiny_model
 from engine.core.request import LoadRequest, LoadResult
-from engine.effects import DownloadProgress, FileProgress
+from engine.effects import LoadProgress
 from engine.orchestrator import Engine
 
 
@@ -26,20 +26,22 @@ BAR_WIDTH = 30
 MIB = 1024 * 1024
 
 
-def progress_line(progress: DownloadProgress) -> str:
-    """`[#######.......]  45%   12.3 / 27.0 MiB  owner/repo` (per-file detail stays in memory)."""
-    total = max(progress.total, 1)
-    filled = BAR_WIDTH * progress.done // total
+def progress_line(progress: LoadProgress) -> str:
+    """`[#######.......]  45%  downloading  12.3 / 27.0 MiB  owner/repo` (the whole load:
+    the download, then the weights the server maps, then ready)."""
+    filled = int(BAR_WIDTH * progress.fraction)
+    repo = f"  {progress.download.repo_id}" if progress.download is not None else ""
     return (
-        f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {100 * progress.done // total:3d}%  "
-        f"{progress.done / MIB:6.1f} / {progress.total / MIB:.1f} MiB  {progress.repo_id}"
+        f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {int(100 * progress.fraction):3d}%  "
+        f"{progress.phase:<11}  {progress.bytes_done / MIB:6.1f} / "
+        f"{progress.bytes_total / MIB:.1f} MiB{repo}"
     )
 
 
 def load_with_progress(
     engine: Engine, request: LoadRequest, out: TextIO = sys.stdout, every: float = 0.1
 ) -> LoadResult:
-    """`engine.load`, drawing a progress bar from `engine.progress()` while it downloads."""
+    """`engine.load`, drawing a progress bar from `engine.progress()` until it ends."""
     results: list[LoadResult] = []
     errors: list[BaseException] = []
 
@@ -51,7 +53,7 @@ def load_with_progress(
 
     worker = threading.Thread(target=run, name="demo-load")
     worker.start()
-    last: DownloadProgress | None = None
+    last: LoadProgress | None = None
     while worker.is_alive():
         worker.join(every)
         progress = engine.progress()
@@ -64,11 +66,9 @@ def load_with_progress(
             out.write("\n")
         raise errors[0]
     result = results[0]
-    if last is not None:
-        if result.ok:  # the last poll may predate the final chunk: a finished download is 100 %
-            files = tuple(FileProgress(f.path, f.total, f.total) for f in last.files)
-            last = DownloadProgress(last.load_id, last.repo_id, files)
-        out.write("\r  " + progress_line(last) + "\n")
+    final = (engine.progress() if result.ok else None) or last  # ready: 1.0
+    if final is not None:
+        out.write("\r  " + progress_line(final) + "\n")
     return result
 
 

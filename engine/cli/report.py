@@ -209,11 +209,21 @@ def render_html(report: Report, journal: str, counts: Counter[tuple[str, str, st
         f'<tr class="{"bad" if _bad(load) else ""}"><td>#{load.seq}</td>'
         f"<td>{clock(load.requested_at)}</td><td>{escape(load.load_id)}</td>"
         f"<td>{escape(load.outcome)}</td><td>{_ms(load.total_s) if load.total_s else '-'}</td>"
-        f"<td>{escape(load.model)}</td><td>{escape(load.error or '')}</td></tr>"
+        f"<td>{escape(load.model)}</td><td>{escape(load.error or '')}"
+        + "".join(f"<br>ladder rung {n}: {escape(rung)}" for n, rung in enumerate(load.rungs, 1))
+        + (f"<br>gave up: {escape(load.fallback_reason)}" if load.fallback_reason else "")
+        + "</td></tr>"
         for load in report.loads
     )
+    restarts = "".join(
+        f"<tr><td>#{r.seq}</td><td>{clock(r.at)}</td><td>{escape(r.kind)}</td>"
+        f"<td>{escape(r.detail)}</td></tr>"
+        for r in report.restarts
+    )
     incidents = "".join(
-        f'<tr class="bad"><td>#{i.seq}</td><td>{clock(i.at)}</td><td>{escape(i.kind)}</td>'
+        f'<tr class="bad"><td>#{i.seq}</td><td>{clock(i.at)}</td><td>{escape(i.kind)}'
+        + (f" [{escape(i.failure_kind)}]" if i.failure_kind else "")
+        + "</td>"
         f"<td>{escape(i.load_id or '-')}</td><td>{escape(i.error)}"
         + (f"<pre>{escape(i.log_tail[-2000:])}</pre>" if i.log_tail else "")
         + "</td></tr>"
@@ -249,6 +259,8 @@ def render_html(report: Report, journal: str, counts: Counter[tuple[str, str, st
 <th>total</th><th>model</th><th>error</th></tr>{load_rows}</table>
 <h2>Incidents</h2>
 <table id="incidents">{incidents or "<tr><td>none</td></tr>"}</table>
+<h2>Respawns and idle unloads</h2>
+<table id="restarts">{restarts or "<tr><td>none</td></tr>"}</table>
 <h2>Anomalies</h2>
 <table id="anomalies">{anomalies or "<tr><td>none</td></tr>"}</table>
 <h2>The machine: transitions this journal took</h2>

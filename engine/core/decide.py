@@ -11,9 +11,10 @@ Guards live here, never in the machine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from engine.core import events as ev
+from engine.core.evolve import CRASH_WINDOW_S
 from engine.core.rules import reload_reason
 from engine.core.state import SlotState
 
@@ -24,6 +25,7 @@ class Load:
     spec: ev.LoadSpec
     at: float
     binary: ev.BinaryIdentity | None = None  # the llama-server a spawn would run now
+    respawn: bool = False  # brings back the last successful load (crash or idle unload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +75,12 @@ def why_reload(
 
 def decide(command: Command, state: SlotState) -> list[ev.Event]:
     match command:
-        case Load(load_id=load_id, spec=spec, at=at, binary=binary):
+        case Load(load_id=load_id, spec=spec, at=at, binary=binary, respawn=respawn):
             if duplicate_of_serving(spec, state, binary):
                 return [ev.LoadShortCircuited(at=at, load_id=load_id, spec=spec)]
             reason = why_reload(spec, state, binary) if state.state == "ready" else None
+            if respawn and state.state != "ready":
+                reason = "respawn"  # keeps the crash history: the crash-loop guard counts on
             return [ev.LoadRequested(at=at, load_id=load_id, spec=spec, reason=reason)]
         case Unload(at=at):
             if state.state in ("ready", "failed", "crashed"):
@@ -85,6 +89,30 @@ def decide(command: Command, state: SlotState) -> list[ev.Event]:
         case Cancel():
             # Cancellation is a signal to the running load, which journals its own outcome.
             return []
+
+
+CRASH_LOOP_CRASHES: Final = 3  # crashes within CRASH_WINDOW_S that end respawning
+
+
+def respawn_events(state: SlotState, at: float) -> list[ev.Event]:
+    """What bringing the last successful load back starts with: `respawn_requested` after a
+    crash or an idle unload, `load_failed(crash_loop)` after too many crashes, or nothing
+    (nothing to bring back: the slot serves, or was unloaded or failed on purpose)."""
+    if state.last_loaded is None:
+        return []
+    if state.state == "crashed":
+        recent = [t for t in state.crash_times if at - t < CRASH_WINDOW_S]
+        if len(recent) >= CRASH_LOOP_CRASHES:
+            error = (
+                f"crash loop: llama-server crashed {len(recent)} times within "
+                f"{CRASH_WINDOW_S / 60:g} minutes (last: {state.last_failure_kind}); "
+                "no respawn until a load"
+            )
+            return [ev.LoadFailed(at=at, error=error, failure_kind="crash_loop")]
+        return [ev.RespawnRequested(at=at, after_crash_seq=state.crash_version, reason="crash")]
+    if state.state == "idle" and state.idle_unloaded:
+        return [ev.RespawnRequested(at=at, reason="idle")]
+    return []
 
 
 # --- steps ------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from engine.core.failure import Change, FailureKind
+
 SCHEMA_VERSION = 1
 
 KillReason = Literal["replace", "unload", "cancel", "failure", "recovery"]
@@ -133,6 +135,7 @@ class LoadFailed(BaseEvent):
     type: Literal["load_failed"] = "load_failed"
     error: str
     log_tail: str | None = None
+    failure_kind: FailureKind | None = None  # engine.core.failure (None: not a server failure)
 
 
 class LoadAbandoned(BaseEvent):
@@ -343,13 +346,15 @@ class Spawned(BaseEvent):
 
 
 class SpawnRetried(BaseEvent):
-    """The spawned server could not own its port (a foreign listener answered /health, or it
-    logged "couldn't bind"): it is confirmed dead, and the load spawns again on a new port."""
+    """A rung of the retry ladder (engine.core.failure.next_rung): the spawned server failed
+    in a way a changed command line may fix; it is confirmed dead, and the load spawns again
+    with `change` (a new port when a foreign listener held it)."""
 
     type: Literal["spawn_retried"] = "spawn_retried"
     attempt: int  # 1 for the first retry
-    failure_kind: Literal["port_in_use"]
-    port: int  # the port that was taken
+    failure_kind: FailureKind
+    port: int  # the failed server's port
+    change: Change = "new_port"  # journals before the ladder only retried on new ports
 
 
 class HealthPassed(BaseEvent):
@@ -369,6 +374,7 @@ class HealthFailed(BaseEvent):
 
 class UnloadRequested(BaseEvent):
     type: Literal["unload_requested"] = "unload_requested"
+    reason: Literal["idle"] | None = None  # idle: Engine.open(idle_unload_after=...)
 
 
 class Unloaded(BaseEvent):
@@ -380,6 +386,16 @@ class Crashed(BaseEvent):
     pid: int
     returncode: int | None = None
     log_tail: str | None = None
+    failure_kind: FailureKind | None = None  # None in journals written before classification
+
+
+class RespawnRequested(BaseEvent):
+    """`Engine.ensure_ready` (or the monitor, respawn="immediate") brings back the last
+    successful load after a crash or an idle unload; a load_requested follows."""
+
+    type: Literal["respawn_requested"] = "respawn_requested"
+    after_crash_seq: int | None = None  # the slot stream version of the crash (None: idle)
+    reason: Literal["crash", "idle"] = "crash"
 
 
 class RecoveryStarted(BaseEvent):
@@ -436,6 +452,7 @@ Event = Annotated[
     | UnloadRequested
     | Unloaded
     | Crashed
+    | RespawnRequested
     | RecoveryStarted
     | RecoveryAdopted
     | OrphanKilled

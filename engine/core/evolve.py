@@ -46,9 +46,15 @@ def _pending(state: SlotState) -> PendingLoad:
     return state.pending
 
 
+CRASH_WINDOW_S: Final = 300.0  # crashes older than this no longer count towards a loop
+
+
 @_on(ev.LoadRequested)
 def _load_requested(state: SlotState, e: ev.LoadRequested) -> Changes:
-    return dict(pending=PendingLoad(load_id=e.load_id or "", spec=e.spec), last_error=None)
+    changes: Changes = dict(pending=PendingLoad(load_id=e.load_id or "", spec=e.spec))
+    if e.reason != "respawn":  # an explicit load starts over: no crash history, no failure
+        changes.update(last_error=None, last_failure_kind=None, crash_times=(), idle_unloaded=False)
+    return changes
 
 
 @_on(ev.ModelResolved)
@@ -83,6 +89,7 @@ def _spawn_started(state: SlotState, e: ev.SpawnStarted) -> Changes:
         argv=e.argv,
         plan=pending.plan,
         binary=e.binary,
+        fallbacks=pending.fallbacks,
     )
     # The process is not known yet; its port, marker and log are (write-ahead intent).
     process = ServerProcess(
@@ -110,7 +117,10 @@ def _spawn_retried(state: SlotState, e: ev.SpawnRetried) -> Changes:
     pending = _pending(state)
     # Settled already: the retry spawns at once; the dead server's launch is forgotten.
     retried = replace(pending, launch=None, settled=True, health_passed=False, error=None)
-    return dict(pending=replace(retried, spawn_retries=e.attempt), process=None)
+    fallbacks = (*pending.fallbacks, e.change)
+    return dict(
+        pending=replace(retried, spawn_retries=e.attempt, fallbacks=fallbacks), process=None
+    )
 
 
 @_on(ev.HealthPassed)
@@ -141,6 +151,9 @@ def _load_succeeded(state: SlotState, e: ev.LoadSucceeded) -> Changes:
         extra_args=launch.extra_args,
         extra_args_source=launch.extra_args_source,
         last_error=None,
+        last_failure_kind=None,
+        last_loaded=launch.spec,
+        idle_unloaded=False,
     )
 
 
@@ -157,7 +170,13 @@ def _load_cancelled(state: SlotState, e: ev.LoadCancelled) -> Changes:
 
 @_on(ev.LoadFailed)
 def _load_failed(state: SlotState, e: ev.LoadFailed) -> Changes:
-    return dict(pending=None, serving=None, process=None, last_error=e.error)
+    return dict(
+        pending=None,
+        serving=None,
+        process=None,
+        last_error=e.error,
+        last_failure_kind=e.failure_kind,
+    )
 
 
 @_on(ev.ProcessExited)
@@ -172,7 +191,21 @@ def _crashed(state: SlotState, e: ev.Crashed) -> Changes:
     # A crash frees GPU memory just like a kill does: it arms the settle wait too.
     code = "" if e.returncode is None else f" with code {e.returncode}"
     error = f"llama-server (pid {e.pid}) exited on its own{code}"
-    return dict(process=None, serving=None, last_kill_at=e.at, last_error=error)
+    recent = tuple(t for t in state.crash_times if e.at - t < CRASH_WINDOW_S)
+    return dict(
+        process=None,
+        serving=None,
+        last_kill_at=e.at,
+        last_error=error,
+        last_failure_kind=e.failure_kind,
+        crash_times=(*recent, e.at),
+        crash_version=state.version + 1,
+    )
+
+
+@_on(ev.UnloadRequested)
+def _unload_requested(state: SlotState, e: ev.UnloadRequested) -> Changes:
+    return dict(idle_unloaded=e.reason == "idle")
 
 
 @_on(ev.Unloaded)

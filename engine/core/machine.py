@@ -66,10 +66,14 @@ TRANSITIONS: Final[tuple[tuple[str, tuple[str, ...], str], ...]] = (
     ("load_succeeded", ("warming",), "ready"),
     ("load_cancelled", IN_FLIGHT, "idle"),
     ("load_failed", (*IN_FLIGHT, "recovering"), "failed"),
+    # A crash loop ends in `failed` (failure_kind=crash_loop): no respawn until a load.
+    ("load_failed", ("crashed",), "failed"),
     # Unload and crash.
     ("unload_requested", ("ready", "failed", "crashed"), "unloading"),
     ("unloaded", ("unloading",), "idle"),
     ("crashed", ("ready",), "crashed"),
+    # The last successful load comes back (a load_requested follows).
+    ("respawn_requested", ("crashed", "idle"), SAME),
     # Recovery after a backend restart: replay, then reconcile with the process table.
     ("recovery_started", STATES, "recovering"),
     ("orphan_killed", ("recovering",), SAME),

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from engine.core import events as ev
+from engine.core.failure import FALLBACK_REASONS
 from engine.core.state import SlotState
 
 HEALTH_WAIT_THRESHOLD_S: Final = 60.0
@@ -79,6 +80,9 @@ class LoadReport:
     reload_reason: str | None = None  # why it was not a duplicate of what served
     planned: dict[str, Any] | None = None  # the launch plan (context, slots, GPUs, offload)
     effective: dict[str, Any] | None = None  # what the server reported (/props)
+    failure_kind: str | None = None  # engine.core.failure.FailureKind of a failed load
+    rungs: list[str] = field(default_factory=list)  # the retry ladder: "kind -> change"
+    fallback_reason: str | None = None  # what its server gave up to start
 
     @property
     def total_s(self) -> float | None:
@@ -95,6 +99,17 @@ class Incident:
     load_id: str | None
     error: str
     log_tail: str | None
+    failure_kind: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Restart:
+    """A server brought back (`respawn_requested`) or unloaded for being idle."""
+
+    seq: int
+    at: float
+    kind: str  # "respawn after crash", "respawn after idle unload", "idle unload"
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +141,7 @@ class Report:
     incidents: list[Incident] = field(default_factory=list)
     recoveries: list[Recovery] = field(default_factory=list)
     anomalies: list[Anomaly] = field(default_factory=list)
+    restarts: list[Restart] = field(default_factory=list)
 
     @property
     def violations(self) -> list[Anomaly]:
@@ -139,6 +155,7 @@ class Report:
             "loads": [{**asdict(load), "total_s": load.total_s} for load in self.loads],
             "incidents": [asdict(i) for i in self.incidents],
             "recoveries": [asdict(r) for r in self.recoveries],
+            "restarts": [asdict(r) for r in self.restarts],
             "anomalies": [{**asdict(a), "violation": a.violation} for a in self.anomalies],
             "timeline": [
                 {
@@ -185,10 +202,23 @@ class _Analysis:
             self.report.anomalies.append(Anomaly(seq, at, kind, message))
 
     def incident(
-        self, seq: int, at: float, kind: str, load_id: str | None, error: str, tail: str | None
+        self,
+        seq: int,
+        at: float,
+        kind: str,
+        load_id: str | None,
+        error: str,
+        tail: str | None,
+        failure_kind: str | None = None,
     ) -> None:
         if self.keep(seq, at):
-            self.report.incidents.append(Incident(seq, at, kind, load_id, error, tail))
+            self.report.incidents.append(
+                Incident(seq, at, kind, load_id, error, tail, failure_kind)
+            )
+
+    def restart(self, seq: int, at: float, kind: str, detail: str) -> None:
+        if self.keep(seq, at):
+            self.report.restarts.append(Restart(seq, at, kind, detail))
 
     def end_load(self, load_id: str | None, at: float, outcome: str, error: str | None) -> None:
         load = self.loads.get(load_id or "")
@@ -369,14 +399,22 @@ class _Analysis:
                 load = self.loads.get(current or "")
                 if load is not None:
                     load.pid = pid
-            case ev.SpawnRetried(attempt=attempt, port=port):
-                self.anomaly(
-                    seq,
-                    at,
-                    "port_in_use",
-                    f"port {port} of load {current} was taken by another listener; spawned "
-                    f"again (retry {attempt})",
-                )
+            case ev.SpawnRetried(attempt=attempt, port=port, failure_kind=why, change=change):
+                load = self.loads.get(current or "")
+                if load is not None:
+                    load.rungs.append(f"{why} -> {change}")
+                    if change != "new_port":
+                        given_up = FALLBACK_REASONS[change]
+                        gave_up = load.fallback_reason
+                        load.fallback_reason = f"{gave_up}; {given_up}" if gave_up else given_up
+                if change == "new_port":
+                    self.anomaly(
+                        seq,
+                        at,
+                        "port_in_use",
+                        f"port {port} of load {current} was taken by another listener; "
+                        f"spawned again (retry {attempt})",
+                    )
             case ev.HealthPassed(waited_s=waited):
                 if waited > self.health_wait_s:
                     self.anomaly(
@@ -409,15 +447,17 @@ class _Analysis:
             case ev.LoadAbandoned(outcome=outcome, error=error):
                 self.end_load(current, at, f"{outcome} (previous server kept serving)", error)
                 self.incident(seq, at, outcome, current, error, None)
-            case ev.LoadFailed(error=error, log_tail=tail):
+            case ev.LoadFailed(error=error, log_tail=tail, failure_kind=failure_kind):
                 interrupted = before.state == "recovering"
                 kind = "interrupted" if interrupted else "failed"
                 load = self.loads.get(current or "")
                 tail = tail or (load.log_tail if load is not None else None)
                 self.end_load(current, at, kind, error)
                 if load is not None:
-                    load.log_tail = tail
-                self.incident(seq, at, kind, current or event.load_id, error, tail)
+                    load.log_tail, load.failure_kind = tail, failure_kind
+                if failure_kind == "crash_loop":
+                    kind = "crash loop"
+                self.incident(seq, at, kind, current or event.load_id, error, tail, failure_kind)
             case ev.RecoveryAdopted():
                 if current is not None and after.pending is None:
                     if after.process is not None and after.process.load_id == current:
@@ -430,13 +470,21 @@ class _Analysis:
                 if current is not None and after.pending is None:
                     self.end_load(current, at, "interrupted", summary)
                     self.incident(seq, at, "interrupted", current, summary, None)
-            case ev.Crashed(pid=pid, returncode=code, log_tail=tail):
+            case ev.Crashed(pid=pid, returncode=code, log_tail=tail, failure_kind=crash_kind):
                 process = before.process
                 load_id = process.load_id if process is not None else None
                 how = "" if code is None else f" with code {code}"
-                self.incident(
-                    seq, at, "crashed", load_id, f"llama-server pid {pid} exited{how}", tail
+                error = f"llama-server pid {pid} exited{how}"
+                self.incident(seq, at, "crashed", load_id, error, tail, crash_kind)
+            case ev.RespawnRequested(reason=reason, after_crash_seq=crash):
+                after_what = (
+                    f"crash (stream version {crash})" if reason == "crash" else "idle unload"
                 )
+                self.restart(seq, at, f"respawn after {after_what}", "the last successful load")
+            case ev.UnloadRequested(reason="idle"):
+                served = before.serving
+                what = served.spec.model if served is not None else "the server"
+                self.restart(seq, at, "idle unload", f"{what} unused past idle_unload_after")
             case _:
                 pass
 
@@ -582,13 +630,19 @@ def render(report: Report, journal: str, tail_lines: int = 10) -> str:
                 )
                 + " (GET /props)"
             )
+        for step, rung in enumerate(load.rungs, 1):
+            out.append(f"          ladder rung {step}: {rung}")
+        if load.fallback_reason:
+            out.append(f"          gave up: {load.fallback_reason}")
         if load.error:
-            out.append(f"          error: {load.error}")
+            kind = f" [{load.failure_kind}]" if load.failure_kind else ""
+            out.append(f"          error{kind}: {load.error}")
     out += ["", f"INCIDENTS ({len(report.incidents)})"]
     for incident in report.incidents:
+        kind = f" [{incident.failure_kind}]" if incident.failure_kind else ""
         out.append(
             f"  #{incident.seq} {clock(incident.at)} {incident.kind} "
-            f"(load {incident.load_id or '-'}): {incident.error}"
+            f"(load {incident.load_id or '-'}){kind}: {incident.error}"
         )
         if incident.log_tail:
             lines = incident.log_tail.splitlines()[-tail_lines:]
@@ -602,6 +656,9 @@ def render(report: Report, journal: str, tail_lines: int = 10) -> str:
             f"  #{recovery.seq} {clock(recovery.at)} from {recovery.previous_state!r}: "
             f"adopted {adopted}, orphans killed {orphans}; {recovery.summary or 'unfinished'}"
         )
+    out += ["", f"RESPAWNS AND IDLE UNLOADS ({len(report.restarts)})"]
+    for restart in report.restarts:
+        out.append(f"  #{restart.seq} {clock(restart.at)} {restart.kind}: {restart.detail}")
     out += ["", f"ANOMALIES ({len(report.anomalies)})"]
     for anomaly in report.anomalies:
         flag = "VIOLATION " if anomaly.violation else ""

@@ -164,6 +164,8 @@ class LoadResult:
     log_tail: str | None = None
     joined: bool = False  # this call joined an identical load already in flight
     api_key: SecretStr | None = None  # the server's key (memory only; None = no key)
+    failure_kind: str | None = None  # engine.core.failure.FailureKind of a failed load
+    fallback_reason: str | None = None  # what the server gave up to start (the retry ladder)
 
     @property
     def ok(self) -> bool:
@@ -200,6 +202,8 @@ class Status:
     gpus: tuple[int, ...] = ()
     offload: str | None = None  # "full" | "partial" | "cpu"
     kind: str | None = None  # "chat" | "embedding" | "rerank"
+    last_failure_kind: str | None = None  # engine.core.failure.FailureKind (crash or load)
+    fallback_reason: str | None = None  # what the serving process gave up (the retry ladder)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

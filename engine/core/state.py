@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.core.events import BinaryIdentity, LaunchPlan, LoadSpec, ResolvedModel, ServerProps
+from engine.core.failure import Change
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,7 @@ class LoadedModel:
     plan: LaunchPlan | None = None  # None in journals written before launch planning
     binary: BinaryIdentity | None = None
     props: ServerProps | None = None  # what the server reported after health
+    fallbacks: tuple[Change, ...] = ()  # retry-ladder changes this server was started with
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +59,8 @@ class PendingLoad:
     launch: LoadedModel | None = None  # set at spawn_started: what the new server gets
     health_passed: bool = False
     error: str | None = None
-    spawn_retries: int = 0  # spawns retried because the port was taken (at most 3)
+    spawn_retries: int = 0  # spawns retried down the ladder (at most 3)
+    fallbacks: tuple[Change, ...] = ()  # the ladder's changes so far, in order
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,3 +79,9 @@ class SlotState:
     # The state a recovery started from; kept across a recovery that was itself interrupted,
     # so the next one still knows whether the server was live (adopt) or being killed.
     recovering_from: str | None = None
+    last_failure_kind: str | None = None  # engine.core.failure.FailureKind of the last failure
+    # What a respawn (after a crash or an idle unload) brings back: the last successful load.
+    last_loaded: LoadSpec | None = None
+    crash_times: tuple[float, ...] = ()  # recent crashes since the last explicit load
+    crash_version: int | None = None  # stream version of the last `crashed`
+    idle_unloaded: bool = False  # the last unload was the idle timer's

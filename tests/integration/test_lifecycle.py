@@ -84,7 +84,8 @@ def test_extra_arg_the_server_rejects_fails_with_its_own_text(
         LoadRequest(model_path=str(tiny_model), llama_extra_args=["--numa", "bogus"])
     )
     assert result.status == "failed" and result.state == "failed"
-    assert 'argument "--numa": invalid value' in (result.error or "")
+    assert result.failure_kind == "bad_value"
+    assert "llama-server refused the value of --numa: invalid value" in (result.error or "")
     assert "--numa" in (result.log_tail or "")
     assert real_engine.status().pid is None
     _previous_extras_kept(real_engine)

@@ -100,6 +100,9 @@ def test_the_port_race_ends_on_our_own_pid_after_a_journaled_retry(
     ]
     assert len(retried) == 1
     assert isinstance(retried[0], ev.SpawnRetried) and retried[0].port == impostor
+    # The ladder's first rung: a new port gives nothing up.
+    assert (retried[0].failure_kind, retried[0].change) == ("port_in_use", "new_port")
+    assert result.fallback_reason is None and real_engine.status().fallback_reason is None
 
 
 def test_only_the_owner_reaches_the_server_and_it_inherits_no_secret(
