@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
@@ -205,20 +205,9 @@ def _node_report(journal: Journal) -> NodeReport:
 
 
 def _window(text: str | None) -> int | float | None:
-    """A --since/--until bound: a sequence number, or an ISO time (UTC unless it says)."""
-    if text is None:
-        return None
-    if text.isdigit():
-        return int(text)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--since/--until take a sequence number or an ISO time, not {text!r}"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)  # the timelines print UTC
-    return moment.timestamp()
+    """A --since/--until bound: a sequence number, or an ISO time as epoch seconds."""
+    bound = parse_until(text, "--since or --until")
+    return bound.timestamp() if isinstance(bound, datetime) else bound
 
 
 def cmd_postmortem(args: argparse.Namespace) -> int:

@@ -17,7 +17,9 @@ from engine.core.timeline import row
 from engine.replay import Step, Until, bounds, replay_state, replay_steps
 
 
-def parse_until(text: str | None) -> Until:
+def parse_until(text: str | None, option: str = "--until") -> Until:
+    """A bound given on the command line: a sequence number, or an ISO time (UTC unless it
+    names a zone)."""
     if text is None:
         return None
     if text.isdigit():
@@ -26,7 +28,7 @@ def parse_until(text: str | None) -> Until:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--until takes a sequence number or an ISO time, not {text!r}"
+            f"{option} takes a sequence number or an ISO time, not {text!r}"
         ) from None
     # A time without a zone is UTC, as everywhere in studio-engine (the timelines print UTC).
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

@@ -187,6 +187,18 @@ def _settings(spec: ev.LoadSpec) -> dict[str, Any]:
     return data
 
 
+def _requested(event: ev.BaseEvent, spec: ev.LoadSpec, seq: int, at: float) -> LoadReport:
+    """The report of a load call, as it was asked for."""
+    return LoadReport(
+        load_id=event.load_id or "",
+        seq=seq,
+        requested_at=at,
+        model=spec.model,
+        settings=_settings(spec),
+        requested_extra_args=None if spec.extra_args is None else list(spec.extra_args),
+    )
+
+
 class _Analysis:
     def __init__(self, slot: str, health_wait_s: float, keep: Callable[[int, float], bool]) -> None:
         self.report = Report(slot)
@@ -306,17 +318,9 @@ class _Analysis:
     ) -> None:
         match event:
             case ev.LoadRequested(spec=spec) | ev.LoadShortCircuited(spec=spec):
-                report = LoadReport(
-                    load_id=event.load_id or "",
-                    seq=seq,
-                    requested_at=at,
-                    model=spec.model,
-                    settings=_settings(spec),
-                    requested_extra_args=(
-                        None if spec.extra_args is None else list(spec.extra_args)
-                    ),
-                    reload_reason=event.reason if isinstance(event, ev.LoadRequested) else None,
-                )
+                report = _requested(event, spec, seq, at)
+                if isinstance(event, ev.LoadRequested):
+                    report.reload_reason = event.reason
                 if isinstance(event, ev.LoadShortCircuited):
                     report.outcome, report.ended_at = "already_loaded", at
                     served = before.serving
@@ -327,19 +331,8 @@ class _Analysis:
                 if self.keep(seq, at):
                     self.report.loads.append(report)
             case ev.LoadSuperseded(spec=spec, reason=reason):
-                report = LoadReport(
-                    load_id=event.load_id or "",
-                    seq=seq,
-                    requested_at=at,
-                    model=spec.model,
-                    settings=_settings(spec),
-                    requested_extra_args=(
-                        None if spec.extra_args is None else list(spec.extra_args)
-                    ),
-                    outcome="cancelled while queued",
-                    error=reason,
-                    ended_at=at,
-                )
+                report = _requested(event, spec, seq, at)
+                report.outcome, report.error, report.ended_at = "cancelled while queued", reason, at
                 self.loads[report.load_id] = report
                 if self.keep(seq, at):
                     self.report.loads.append(report)

@@ -187,7 +187,7 @@ def test_postmortem_cli_rejects_bad_bounds(
 ) -> None:
     _write(journal_path, _load("a", 100.0, 1))
     assert main(["postmortem", str(journal_path), "--since", "yesterday"]) == 2
-    assert "--since/--until take a sequence number or an ISO time" in capsys.readouterr().err
+    assert "--since or --until takes a sequence number or an ISO time" in capsys.readouterr().err
     assert main(["postmortem", str(journal_path), "--slot", "nope"]) == 2
     assert "no slot 'nope'" in capsys.readouterr().err
 
