@@ -50,6 +50,8 @@ from engine.replay import replay_state
 
 log = logging.getLogger("studio-engine.service")
 
+RESPAWN_TIMEOUT_S = 600.0  # a crashed model's respawn, before the request gets a 503
+
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _HOP_HEADERS = frozenset({"connection", "content-length", "transfer-encoding", "keep-alive"})
 
@@ -157,6 +159,11 @@ class NodeBackend:
 
     def acquire(self, name: str) -> tuple[Upstream, Callable[[], None]]:
         for _ in range(3):  # the node may evict an idle server between the load and the hold
+            if name in self.node.names() and self.node.slot(name).status().state == "crashed":
+                try:  # the same server back, journaled as a respawn; a crash loop stops here
+                    self.node.slot(name).ensure_ready(timeout=RESPAWN_TIMEOUT_S)
+                except (EngineError, TimeoutError) as exc:
+                    raise ModelUnavailable(str(exc)) from None
             if name not in self.node.names() or self.node.slot(name).status().state != "ready":
                 try:
                     result = self.load(name)

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -235,3 +237,23 @@ def test_a_bad_presets_file_is_one_line_naming_the_key(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.strip().endswith("model 'chat': unknown key(s) ctx")
+
+
+def test_a_crashed_model_is_respawned_for_the_next_request(service: Service) -> None:
+    client = openai.OpenAI(base_url=service.base + "/v1", api_key="unused")
+    ask = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    client.chat.completions.create(**ask)  # type: ignore[call-overload]
+    journal = Journal.open(service.journal, create=False, read_only=True)
+    try:
+        (first,) = [r.event.pid for r in journal.read("chat") if isinstance(r.event, ev.Spawned)]
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while service.status_of("chat") != "failed" and time.monotonic() < deadline:
+            time.sleep(0.02)  # the monitor journals the crash (router status: failed)
+        reply = client.chat.completions.create(**ask)  # type: ignore[call-overload]
+        assert reply.usage is not None and reply.usage.completion_tokens == 2
+        kinds = [r.event.kind for r in journal.read("chat")]
+    finally:
+        journal.close()
+    assert kinds.count("crashed") == 1 and "respawn_requested" in kinds
+    assert kinds[kinds.index("respawn_requested") + 1] == "load_requested"
