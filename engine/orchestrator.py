@@ -55,11 +55,19 @@ from engine.core.evolve import evolve
 from engine.core.failure import classify, fallback_reason
 from engine.core.machine import STABLE
 from engine.core.policy import canonical_allow
-from engine.core.request import LoadRequest, LoadResult, Status, as_request, to_spec
+from engine.core.progress import ProgressMark
+from engine.core.request import (
+    LoadRequest,
+    LoadResult,
+    Status,
+    as_request,
+    launch_status,
+    to_spec,
+)
 from engine.core.rules import InvalidRequest, same_target
 from engine.core.scrub import scrub, scrub_optional
 from engine.core.snapshot import encode as encode_snapshot
-from engine.core.state import LoadedModel, SlotState
+from engine.core.state import SlotState
 from engine.effects import (
     Cancelled,
     CancelToken,
@@ -204,7 +212,7 @@ class Engine:
         self.download: DownloadProgress | None = None  # per-chunk progress: memory only
         # progress(): (load id, memory high-water, fraction) of the last load it reported
         self._progress_lock = threading.Lock()
-        self._progress_high: tuple[str, int, float] = ("", 0, 0.0)
+        self._progress_mark = ProgressMark()
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self._owns_journal = True  # False when a Node shares its journal with its slots
@@ -453,16 +461,15 @@ class Engine:
         elif state.state == "warming" and process is not None and process.pid:
             use = self.effects.measure(process)
             mapped, phase = min(use.rss_bytes + use.vram_bytes, total), "loading"
-        with self._progress_lock:
-            last_id, high, last_fraction = self._progress_high
-            if last_id != load_id:
-                high, last_fraction = 0, 0.0
-            high = max(high, mapped)
-            share = 0.5 if download is not None else 0.0  # a download is half the way
-            mapped_fraction = 1.0 if phase == "ready" else min(high / total, 0.99) if total else 0.0
-            fraction = share * downloaded + (1.0 - share) * mapped_fraction
-            fraction = max(fraction, last_fraction)  # never backwards
-            self._progress_high = (load_id, high, fraction)
+        with self._progress_lock:  # a high-water mark per load: never goes backwards
+            self._progress_mark = mark = self._progress_mark.advance(
+                load_id,
+                mapped,
+                total,
+                ready=phase == "ready",
+                downloaded=downloaded if download is not None else None,
+            )
+        high, fraction = mark.high, mark.fraction
         if phase == "downloading" and download is not None:
             done, of = download.done, download.total
         else:
@@ -998,31 +1005,6 @@ class Engine:
         """Reconcile the replayed state with the real process table (see engine.recovery)."""
         with self._serial:
             recover(self)
-
-
-def launch_status(served: LoadedModel | None) -> dict[str, Any]:
-    """Status fields of the launch: the server's own figures (/props) over the plan's."""
-    if served is None:
-        return {}
-    plan, props = served.plan, served.props
-    kind = served.model.kind
-    return dict(
-        context_length=props.n_ctx if props is not None else None,
-        max_context_length=plan.max_context if plan is not None else None,
-        native_context_length=(
-            plan.native_context if plan is not None else served.model.native_ctx
-        ),
-        parallel_slots=(
-            props.total_slots
-            if props is not None and props.total_slots is not None
-            else plan.parallel_slots
-            if plan is not None
-            else None
-        ),
-        gpus=plan.gpus if plan is not None else (),
-        offload=plan.offload if plan is not None else None,
-        kind=kind,
-    )
 
 
 def _fields(result: LoadResult) -> dict[str, Any]:

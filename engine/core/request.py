@@ -30,6 +30,7 @@ from engine.core.rules import (
     InvalidRequest,
     check_text,
 )
+from engine.core.state import LoadedModel
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -207,3 +208,28 @@ class Status:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def launch_status(served: LoadedModel | None) -> dict[str, Any]:
+    """Status fields of the launch: the server's own figures (/props) over the plan's."""
+    if served is None:
+        return {}
+    plan, props = served.plan, served.props
+    kind = served.model.kind
+    return dict(
+        context_length=props.n_ctx if props is not None else None,
+        max_context_length=plan.max_context if plan is not None else None,
+        native_context_length=(
+            plan.native_context if plan is not None else served.model.native_ctx
+        ),
+        parallel_slots=(
+            props.total_slots
+            if props is not None and props.total_slots is not None
+            else plan.parallel_slots
+            if plan is not None
+            else None
+        ),
+        gpus=plan.gpus if plan is not None else (),
+        offload=plan.offload if plan is not None else None,
+        kind=kind,
+    )
