@@ -211,7 +211,8 @@ def _window(text: str | None) -> int | float | None:
 
 
 def cmd_postmortem(args: argparse.Namespace) -> int:
-    from engine.core.postmortem import analyse, render
+    from engine.cli.postmortem_text import render
+    from engine.core.postmortem import analyse
 
     if args.health_wait <= 0:
         raise argparse.ArgumentTypeError(f"--health-wait must be positive, not {args.health_wait}")

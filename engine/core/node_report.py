@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine.core import events as ev
-from engine.core.postmortem import Anomaly, seconds
-from engine.core.timeline import clock
+from engine.core.postmortem import Anomaly
+from engine.core.timeline import clock, seconds
 
 
 @dataclass(frozen=True, slots=True)

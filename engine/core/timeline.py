@@ -42,3 +42,9 @@ def row(seq: int, at: float, previous: float | None, event: BaseEvent, state: st
         f"{seq:>6}  {clock(at):23}  {delta(at, previous):>9}  "
         f"{event.kind:22} {state:12} {key_fields(event)}"
     )
+
+
+def seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"
