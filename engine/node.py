@@ -26,12 +26,12 @@ from typing import Any, Final
 
 from engine.adapters.binary import ServerBinary, locate_server
 from engine.adapters.feed import Feed, FeedEvent
-from engine.adapters.journal import CorruptJournal, Journal
+from engine.adapters.journal import Journal
 from engine.adapters.lease import LEASE_TTL_S, Lease
 from engine.core import events as ev
 from engine.core import eviction
 from engine.core.admission import Verdict
-from engine.core.errors import EngineError
+from engine.core.errors import CorruptJournal, EngineError
 from engine.core.request import LoadRequest, LoadResult, Status
 from engine.core.rules import InvalidRequest
 from engine.core.state import SlotState

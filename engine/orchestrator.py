@@ -30,7 +30,7 @@ from engine import steps
 from engine.adapters.binary import locate_server
 from engine.adapters.feed import Feed, FeedEvent
 from engine.adapters.health import ServerStatus
-from engine.adapters.journal import BUSY_TIMEOUT_S, CorruptJournal, Journal
+from engine.adapters.journal import BUSY_TIMEOUT_S, Journal
 from engine.adapters.lease import LEASE_TTL_S, Lease
 from engine.adapters.local_models import locate_model_file
 from engine.core import events as ev
@@ -50,7 +50,13 @@ from engine.core.decide import (
     next_step,
     respawn_events,
 )
-from engine.core.errors import EngineClosed, EngineError, JournalUnavailable, StepFailed
+from engine.core.errors import (
+    CorruptJournal,
+    EngineClosed,
+    EngineError,
+    JournalUnavailable,
+    StepFailed,
+)
 from engine.core.evolve import evolve
 from engine.core.failure import classify, fallback_reason
 from engine.core.machine import STABLE

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from engine.adapters.journal import CorruptJournal, Journal, decode_row
+from engine.adapters.journal import Journal
+from engine.core.codec import decode_row
+from engine.core.errors import CorruptJournal
 from engine.core.events import Event
 from engine.core.evolve import IllegalTransition, evolve
 from engine.core.snapshot import SnapshotError, decode, encode

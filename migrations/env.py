@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from engine.adapters.journal import metadata
+from engine.adapters.schema import metadata
 
 config = context.config
 connection = config.attributes.get("connection")

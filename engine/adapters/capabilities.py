@@ -16,9 +16,10 @@ from collections.abc import Mapping
 
 from pydantic import ValidationError
 
-from engine.adapters.journal import ConcurrencyConflict, Journal
+from engine.adapters.journal import Journal
 from engine.core import events as ev
 from engine.core.capabilities import ServerCapabilities, parse_help
+from engine.core.errors import ConcurrencyConflict
 
 log = logging.getLogger("studio-engine")
 

@@ -20,7 +20,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from engine.adapters.journal import FEED_CHANNEL, Journal, decode_record
+from engine.adapters.journal import FEED_CHANNEL, Journal
+from engine.core.codec import decode_record
 from engine.core.events import BaseEvent
 
 POLL_S: Final = 0.1

@@ -7,120 +7,47 @@ newest Alembic revision; a journal written by a newer engine is refused.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import sqlalchemy as sa
-from pydantic import ValidationError
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from engine.core.errors import JournalBusy, JournalUnavailable
-from engine.core.events import SCHEMA_VERSION, BaseEvent, Event, parse_event, parse_record
+from engine.adapters.schema import (
+    HEAD_REVISION,
+    KNOWN_REVISIONS,
+    alembic_config,
+    events_table,
+    identity_table,
+    snapshots_table,
+)
+from engine.core.codec import EARLIEST_AT, LATEST_AT, decode_row
+from engine.core.errors import (
+    ConcurrencyConflict,
+    CorruptJournal,
+    JournalBusy,
+    JournalError,
+    JournalUnavailable,
+    SchemaTooNew,
+    SecretInPayload,
+)
+from engine.core.events import SCHEMA_VERSION, BaseEvent, Event
 from engine.core.scrub import looks_secret
 
-_E = TypeVar("_E", bound=BaseEvent)
-
-metadata = sa.MetaData()
-
-events_table = sa.Table(
-    "events",
-    metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("stream", sa.String(200), nullable=False),
-    sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("type", sa.String(64), nullable=False),
-    sa.Column("schema_version", sa.SmallInteger, nullable=False),
-    sa.Column("at", sa.Float(precision=53), nullable=False),
-    sa.Column("payload", sa.Text, nullable=False),
-    sa.Column("load_id", sa.String(64), nullable=True),
-    sa.UniqueConstraint("stream", "version", name="uq_events_stream_version"),
-)
-
-snapshots_table = sa.Table(
-    "snapshots",
-    metadata,
-    sa.Column("stream", sa.String(200), primary_key=True),
-    sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("schema_version", sa.SmallInteger, nullable=False),
-    sa.Column("at", sa.Float(precision=53), nullable=False),
-    sa.Column("state", sa.Text, nullable=False),
-)
-
-# One row per managed slot: which engine holds it (see engine.adapters.lease).
-leases_table = sa.Table(
-    "leases",
-    metadata,
-    sa.Column("stream", sa.String(200), primary_key=True),
-    sa.Column("holder", sa.String(64), nullable=False),
-    sa.Column("host", sa.String(255), nullable=False),
-    sa.Column("boot_id", sa.String(64), nullable=False),
-    sa.Column("pid", sa.Integer, nullable=False),
-    sa.Column("create_time", sa.Float(precision=53), nullable=False),
-    sa.Column("acquired_at", sa.Float(precision=53), nullable=False),
-    sa.Column("heartbeat_at", sa.Float(precision=53), nullable=False),
-    sa.Column("expires_at", sa.Float(precision=53), nullable=False),
-    # Migration 0003: None in rows written by an older engine.
-    sa.Column("pid_namespace", sa.String(64), nullable=True),
-    sa.Column("start_ticks", sa.BigInteger, nullable=True),
-)
-
-# The journal's own random id (migration 0003): markers and run folders name it.
-identity_table = sa.Table(
-    "journal_identity",
-    metadata,
-    sa.Column("id", sa.String(32), primary_key=True),
-)
-
-# Alembic revisions this engine knows, oldest first; a unit test checks them against migrations/.
-KNOWN_REVISIONS: Final = ("0001", "0002", "0003")
 FEED_CHANNEL: Final = "studio_engine_events"  # PostgreSQL NOTIFY channel: a commit happened
 SNAPSHOTS_KEPT: Final = 2  # the newest is the one used; one more in case it is unreadable
-HEAD_REVISION: Final = KNOWN_REVISIONS[-1]
 BUSY_TIMEOUT_S: Final = 5.0
 # A write refused as transient (SQLite's lock held past the busy timeout, a PostgreSQL
 # connection dropped or a lock timeout) is tried this many times in all, with these pauses.
 WRITE_ATTEMPTS: Final = 3
 WRITE_BACKOFF_S: Final = (0.05, 0.25)
-# Event times outside this window (or not a number at all) make a row corrupt: every reader
-# turns them into dates, and datetime overflows long before a float does.
-_EARLIEST_AT, _LATEST_AT = 0.0, 253402300799.0  # 9999-12-31T23:59:59Z
-
-
-class JournalError(RuntimeError):
-    """Anything wrong with a journal, explained for a human."""
-
-
-class SchemaTooNew(JournalError):
-    pass
-
-
-class CorruptJournal(JournalError):
-    def __init__(self, seq: int, message: str, where: str | None = None) -> None:
-        self.seq, self.message = seq, message
-        prefix = f"{where}: " if where else ""
-        super().__init__(f"{prefix}journal event #{seq}: {message}")
-
-    def naming(self, where: str) -> CorruptJournal:
-        """The same error, saying which journal (file or URL) it is about."""
-        return CorruptJournal(self.seq, self.message, where)
-
-
-class ConcurrencyConflict(JournalError):
-    """Another writer appended to this stream first."""
-
-
-class SecretInPayload(JournalError):
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,7 +444,7 @@ class Journal:
             result = conn.execution_options(yield_per=2000).execute(sa.text(sql), params)
             for row in result:
                 seq, _version, at, _type, _payload = row
-                if not isinstance(at, float | int) or not _EARLIEST_AT <= at <= _LATEST_AT:
+                if not isinstance(at, float | int) or not EARLIEST_AT <= at <= LATEST_AT:
                     raise CorruptJournal(seq, f"event time {str(at)[:40]!r} is not a valid time")
                 yield row
 
@@ -594,61 +521,6 @@ class Journal:
             return None
 
 
-def decode_row(seq: int, type_: str, payload: str) -> Event:
-    """A slot's event; every problem is a CorruptJournal naming its seq."""
-    return _decode(seq, type_, payload, parse_event)
-
-
-def decode_record(seq: int, stream: str, type_: str, payload: str) -> BaseEvent:
-    """A record of any stream (slots, the hub probe cache, the node), for followers."""
-    try:
-        return _decode(seq, type_, payload, lambda text: parse_record(stream, text))
-    except KeyError:
-        raise CorruptJournal(seq, f"stream {stream!r} is unknown to this engine") from None
-
-
-def _decode(seq: int, type_: str, payload: str, parse: Callable[[str], _E]) -> _E:
-    try:
-        event = parse(payload)
-    except RecursionError as exc:
-        raise CorruptJournal(seq, f"unreadable {type_!r} payload (nested too deeply)") from exc
-    except ValidationError as exc:
-        newer = _schema_version_of(payload)
-        if newer is not None and newer > SCHEMA_VERSION:
-            raise CorruptJournal(
-                seq,
-                f"written with event schema v{newer}, newer than this engine's "
-                f"v{SCHEMA_VERSION}; upgrade studio-engine",
-            ) from exc
-        first = exc.errors()[0]
-        loc = [str(part) for part in first["loc"]]
-        where = ".".join(loc[1:] if loc[:1] == [type_] else loc) or "payload"
-        raise CorruptJournal(
-            seq, f"unreadable {type_!r} payload ({where}: {first['msg']})"
-        ) from exc
-    if event.schema_version > SCHEMA_VERSION:
-        raise CorruptJournal(
-            seq,
-            f"written with event schema v{event.schema_version}, newer than this engine's "
-            f"v{SCHEMA_VERSION}; upgrade studio-engine",
-        )
-    if getattr(event, "type", None) != type_:
-        raise CorruptJournal(
-            seq, f"type column says {type_!r} but the payload is {getattr(event, 'type', None)!r}"
-        )
-    if not (math.isfinite(event.at) and _EARLIEST_AT <= event.at <= _LATEST_AT):
-        raise CorruptJournal(seq, f"event time {event.at!r} is not a valid time")
-    return event
-
-
-def _schema_version_of(payload: str) -> int | None:
-    try:
-        value = json.loads(payload).get("schema_version")
-    except (ValueError, AttributeError, RecursionError):
-        return None
-    return value if isinstance(value, int) else None
-
-
 def _cause(exc: DBAPIError) -> str:
     """The driver's own first line (never the statement or its parameters)."""
     text = str(exc.orig).strip().splitlines()
@@ -670,11 +542,3 @@ def _install_sqlite_pragmas(
         if not read_only:  # (WAL mode is set once, by _upgrade, after the file proved ours)
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
         cursor.close()
-
-
-def alembic_config() -> Any:
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(resources.files("engine.migrations")))
-    return config

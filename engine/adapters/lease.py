@@ -30,8 +30,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from engine.adapters.journal import Journal, JournalError, leases_table
+from engine.adapters.journal import Journal
 from engine.adapters.process import CREATE_TIME_SLACK, boot_id, start_ticks
+from engine.adapters.schema import leases_table
+from engine.core.errors import JournalError
 
 log = logging.getLogger("studio-engine")
 

@@ -18,8 +18,9 @@ from typing import Final
 
 from pydantic import ValidationError
 
-from engine.adapters.journal import ConcurrencyConflict, Journal
+from engine.adapters.journal import Journal
 from engine.core import events as ev
+from engine.core.errors import ConcurrencyConflict
 from engine.effects import CancelToken
 
 log = logging.getLogger("studio-engine")

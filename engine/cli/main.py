@@ -15,9 +15,9 @@ from pathlib import Path
 from sqlalchemy.exc import DBAPIError
 
 from engine.adapters.binary import ServerBinaryError
-from engine.adapters.journal import CorruptJournal, Journal, JournalError
+from engine.adapters.journal import Journal
 from engine.cli.timeline import parse_until, print_timeline, read_steps, tail
-from engine.core.errors import EngineError
+from engine.core.errors import CorruptJournal, EngineError, JournalError
 from engine.core.events import Event, NodeEvent, is_slot_stream
 from engine.core.node_report import NodeReport
 from engine.core.snapshot import SnapshotError
@@ -190,7 +190,7 @@ def _check_snapshot(stream: str, step: Step, text: str, problems: list[str]) -> 
 
 def _node_report(journal: Journal) -> NodeReport:
     """The @node stream analysed (empty without a Node); a garbage row names its seq."""
-    from engine.adapters.journal import CorruptJournal
+    from engine.core.errors import CorruptJournal
     from engine.core.events import NODE_STREAM, parse_node_event
     from engine.core.node_report import analyse_node
 

@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 from typing import cast
 
 from engine.adapters.feed import Feed
-from engine.adapters.journal import Journal, JournalError
+from engine.adapters.journal import Journal
+from engine.core.errors import JournalError
 from engine.core.events import Event, is_slot_stream
 from engine.core.evolve import evolve
 from engine.core.state import SlotState

@@ -33,3 +33,33 @@ class JournalBusy(EngineError):
 
 class EngineClosed(EngineError):
     """A call on an engine after `close()`: it holds no lease and watches no server."""
+
+
+# --- the journal -----------------------------------------------------------------------------
+
+
+class JournalError(RuntimeError):
+    """Anything wrong with a journal, explained for a human."""
+
+
+class SchemaTooNew(JournalError):
+    pass
+
+
+class CorruptJournal(JournalError):
+    def __init__(self, seq: int, message: str, where: str | None = None) -> None:
+        self.seq, self.message = seq, message
+        prefix = f"{where}: " if where else ""
+        super().__init__(f"{prefix}journal event #{seq}: {message}")
+
+    def naming(self, where: str) -> CorruptJournal:
+        """The same error, saying which journal (file or URL) it is about."""
+        return CorruptJournal(self.seq, self.message, where)
+
+
+class ConcurrencyConflict(JournalError):
+    """Another writer appended to this stream first."""
+
+
+class SecretInPayload(JournalError):
+    pass

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.adapters.journal import JournalError
 from engine.cli.main import main as cli_main
-from engine.core.errors import EngineError, JournalBusy
+from engine.core.errors import EngineError, JournalBusy, JournalError
 from engine.core.request import LoadRequest
 from engine.orchestrator import Engine
 from tests.fakes import FakeEffects

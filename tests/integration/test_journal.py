@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.adapters.journal import HEAD_REVISION, ConcurrencyConflict, Journal, SecretInPayload
+from engine.adapters.journal import Journal
+from engine.adapters.schema import HEAD_REVISION
 from engine.core import events as ev
+from engine.core.errors import ConcurrencyConflict, SecretInPayload
 
 SPEC = ev.LoadSpec(model="/models/a.gguf", max_seq_length=4096, extra_args=("--top-k", "20"))
 EVENTS = [

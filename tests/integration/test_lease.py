@@ -11,8 +11,9 @@ import pytest
 import sqlalchemy as sa
 
 from engine import EngineError
-from engine.adapters.journal import Journal, leases_table
+from engine.adapters.journal import Journal
 from engine.adapters.lease import Lease, SlotBusy, db_now, this_process
+from engine.adapters.schema import leases_table
 from engine.core.request import LoadRequest
 from engine.orchestrator import Engine
 from tests.fakes import FakeEffects

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.adapters.journal import CorruptJournal, Journal, SchemaTooNew
+from engine.adapters.journal import Journal
 from engine.cli.main import main
 from engine.core import events as ev
+from engine.core.errors import CorruptJournal, SchemaTooNew
 from engine.replay import replay
 from tests.conftest import run_sql
 
@@ -104,7 +105,7 @@ def test_cli_refuses_a_missing_journal(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_replay_api_refuses_a_missing_journal(tmp_path: Path) -> None:
-    from engine.adapters.journal import JournalError
+    from engine.core.errors import JournalError
 
     missing = tmp_path / "nope.db"
     with pytest.raises(JournalError, match="no journal at"):
