@@ -30,6 +30,7 @@ from engine.adapters.journal import Journal
 from engine.adapters.lease import LEASE_TTL_S, Lease
 from engine.core import events as ev
 from engine.core import eviction
+from engine.core import node_events as nev
 from engine.core.admission import Verdict
 from engine.core.errors import CorruptJournal, EngineError
 from engine.core.request import LoadRequest, LoadResult, Status
@@ -155,7 +156,7 @@ class Node:
         journal = Journal.open(journal_url, synchronous=synchronous)
         node: Node | None = None
         try:
-            lease = Lease.acquire(journal, ev.NODE_STREAM, lease_ttl)
+            lease = Lease.acquire(journal, nev.NODE_STREAM, lease_ttl)
             directory = Path(run_dir) if run_dir is not None else default_run_dir(journal)
             host: Effects | None = effects
             try:
@@ -387,7 +388,7 @@ class Node:
         self.slot(name)
         if self._state.slot(name).pinned != pinned:
             with self._admission:  # never flips while a decision is being made
-                self._append(ev.SlotPinned(at=time.time(), slot=name, pinned=pinned))
+                self._append(nev.SlotPinned(at=time.time(), slot=name, pinned=pinned))
 
     def _evict_manually(self, name: str) -> None:
         engine = self.slot(name)
@@ -395,7 +396,7 @@ class Node:
             held = self._held.get(name)
             process = engine.state.process
             self._append(
-                ev.Evicted(
+                nev.Evicted(
                     at=time.time(),
                     slot=name,
                     cause="manual",
@@ -438,7 +439,7 @@ class Node:
             self._held[name] = _Held(use.total, True, process.pid)
             ttl = self._ttls.get(name, self.default_ttl)
         self._append(
-            ev.ServerMeasured(
+            nev.ServerMeasured(
                 at=time.time(),
                 load_id=process.load_id,
                 slot=name,
@@ -453,7 +454,7 @@ class Node:
             )
         )
 
-    def _append(self, *events: ev.NodeEvent) -> None:
+    def _append(self, *events: nev.NodeEvent) -> None:
         """Fold, journal, publish: the @node stream's only writer."""
         with self._append_lock:
             if self._lease.lost:
@@ -461,7 +462,7 @@ class Node:
             before = after = self._state
             for event in events:
                 after = eviction.evolve_node(after, event)
-            self.journal.append(ev.NODE_STREAM, before.version, events)
+            self.journal.append(nev.NODE_STREAM, before.version, events)
             self._state = after
 
     # --- admission (the AdmissionGate every slot's admission step calls) ---------------------
@@ -525,7 +526,7 @@ class Node:
                         with self._lock:
                             self._held[slot] = _Held(need, False)
                     self._append(
-                        ev.NodeAdmission(
+                        nev.NodeAdmission(
                             at=time.time(),
                             load_id=load_id,
                             slot=slot,
@@ -591,7 +592,7 @@ class Node:
         process = engine.state.process
         try:
             self._append(
-                ev.Evicted(
+                nev.Evicted(
                     at=time.time(),
                     slot=evicted.slot,
                     cause=evicted.cause,
@@ -634,7 +635,7 @@ class Node:
             if abs(at - (self._state.slot(name).last_used_at or 0.0)) > 0.01:
                 changed.append((name, at))
         if changed:
-            self._append(ev.SlotsUsed(at=now_wall, used=tuple(changed)))
+            self._append(nev.SlotsUsed(at=now_wall, used=tuple(changed)))
 
     def _resample(self) -> None:
         with self._lock:
@@ -766,11 +767,11 @@ def _close_effects(host: Effects | None, shared: Effects | None) -> None:
 
 def _replay(journal: Journal) -> eviction.NodeState:
     state = eviction.NodeState()
-    for seq, version, _, _type, payload in journal.read_rows(ev.NODE_STREAM):
+    for seq, version, _, _type, payload in journal.read_rows(nev.NODE_STREAM):
         if version != state.version + 1:
             raise CorruptJournal(seq, f"version {version} follows {state.version}: events missing")
         try:
-            event = ev.parse_node_event(payload)
+            event = nev.parse_node_event(payload)
         except ValueError as exc:
             raise CorruptJournal(seq, f"unreadable @node event: {exc}") from exc
         state = eviction.evolve_node(state, event)

@@ -18,7 +18,8 @@ from engine.adapters.binary import ServerBinaryError
 from engine.adapters.journal import Journal
 from engine.cli.timeline import parse_until, print_timeline, read_steps, tail
 from engine.core.errors import CorruptJournal, EngineError, JournalError
-from engine.core.events import Event, NodeEvent, is_slot_stream
+from engine.core.events import Event, is_slot_stream
+from engine.core.node_events import NodeEvent
 from engine.core.node_report import NodeReport
 from engine.core.snapshot import SnapshotError
 from engine.core.snapshot import decode as decode_snapshot
@@ -191,7 +192,7 @@ def _check_snapshot(stream: str, step: Step, text: str, problems: list[str]) -> 
 def _node_report(journal: Journal) -> NodeReport:
     """The @node stream analysed (empty without a Node); a garbage row names its seq."""
     from engine.core.errors import CorruptJournal
-    from engine.core.events import NODE_STREAM, parse_node_event
+    from engine.core.node_events import NODE_STREAM, parse_node_event
     from engine.core.node_report import analyse_node
 
     def records() -> Iterator[tuple[int, NodeEvent]]:

@@ -6,14 +6,45 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from engine.core.errors import CorruptJournal
-from engine.core.events import SCHEMA_VERSION, BaseEvent, Event, parse_event, parse_record
+from engine.core.events import (
+    CAPABILITIES_PROBED_ADAPTER,
+    CAPABILITIES_STREAM,
+    HUB_PROBE_STREAM,
+    HUB_PROBED_ADAPTER,
+    RUN_FILES_STREAM,
+    SCHEMA_VERSION,
+    BaseEvent,
+    Event,
+    LogsPruned,
+    is_slot_stream,
+    parse_event,
+)
+from engine.core.node_events import NODE_EVENT_ADAPTER, NODE_STREAM
 
 _E = TypeVar("_E", bound=BaseEvent)
+
+# The records of the engine's own streams ("@..."), for readers that follow every stream.
+_STREAM_ADAPTERS: dict[str, TypeAdapter[Any]] = {
+    HUB_PROBE_STREAM: HUB_PROBED_ADAPTER,
+    NODE_STREAM: NODE_EVENT_ADAPTER,
+    CAPABILITIES_STREAM: CAPABILITIES_PROBED_ADAPTER,
+    RUN_FILES_STREAM: TypeAdapter(LogsPruned),
+}
+
+
+def parse_record(stream: str, payload: str | bytes) -> BaseEvent:
+    """Decode a payload of any stream: a slot's event, a hub probe, a node record.
+    Raises pydantic.ValidationError on garbage, KeyError for a stream this engine lacks."""
+    if is_slot_stream(stream):
+        return parse_event(payload)
+    parsed: BaseEvent = _STREAM_ADAPTERS[stream].validate_json(payload)
+    return parsed
+
 
 # Event times outside this window (or not a number at all) make a row corrupt: every reader
 # turns them into dates, and datetime overflows long before a float does.

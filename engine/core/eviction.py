@@ -22,9 +22,10 @@ from typing import Literal
 
 from engine.core import admission
 from engine.core import events as ev
+from engine.core import node_events as nev
 from engine.core.admission import MIB
 
-Cause = ev.EvictionCause
+Cause = nev.EvictionCause
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,10 +203,10 @@ class NodeState:
         return [name for _, name in sorted(resident, reverse=True)]
 
 
-def evolve_node(state: NodeState, event: ev.NodeEvent) -> NodeState:
+def evolve_node(state: NodeState, event: nev.NodeEvent) -> NodeState:
     version = state.version + 1
     match event:
-        case ev.ServerMeasured():
+        case nev.ServerMeasured():
             slot = replace(
                 state.slot(event.slot),
                 resident=True,
@@ -217,13 +218,13 @@ def evolve_node(state: NodeState, event: ev.NodeEvent) -> NodeState:
             )
             measured = {**state.measured, event.need_key: event.measured_bytes}
             return NodeState(version, {**state.slots, event.slot: slot}, measured)
-        case ev.Evicted():
+        case nev.Evicted():
             slot = replace(state.slot(event.slot), resident=False, pid=None)
             return replace(state, version=version, slots={**state.slots, event.slot: slot})
-        case ev.SlotPinned():
+        case nev.SlotPinned():
             slot = replace(state.slot(event.slot), pinned=event.pinned)
             return replace(state, version=version, slots={**state.slots, event.slot: slot})
-        case ev.SlotsUsed():
+        case nev.SlotsUsed():
             slots = dict(state.slots)
             for name, at in event.used:
                 slots[name] = replace(state.slot(name), last_used_at=at)

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from engine.core import events as ev
+from engine.core import node_events as nev
 from engine.core.postmortem import Anomaly
 from engine.core.timeline import clock, seconds
 
@@ -70,31 +70,31 @@ class NodeReport:
         }
 
 
-def analyse_node(records: Iterable[tuple[int, ev.NodeEvent]]) -> NodeReport:
+def analyse_node(records: Iterable[tuple[int, nev.NodeEvent]]) -> NodeReport:
     """Evictions with their cause and what needed the room, refusals, and a pinned server
     evicted by the node (a contract violation; a manual unload of a pinned slot is not)."""
     report = NodeReport()
     pinned: set[str] = set()
-    admissions: dict[str, ev.NodeAdmission] = {}
+    admissions: dict[str, nev.NodeAdmission] = {}
     models: dict[str, str] = {}  # load id -> model (from the measurement once it ran)
-    pending: list[tuple[int, ev.Evicted]] = []
+    pending: list[tuple[int, nev.Evicted]] = []
     for seq, event in records:
         report.events += 1
         match event:
-            case ev.SlotPinned():
+            case nev.SlotPinned():
                 (pinned.add if event.pinned else pinned.discard)(event.slot)
-            case ev.Evicted():
+            case nev.Evicted():
                 pending.append((seq, event))
                 if event.slot in pinned and event.cause != "manual":
                     report.anomalies.append(
                         Anomaly(seq, event.at, "evicted_pinned", f"slot {event.slot!r} is pinned")
                     )
-            case ev.NodeAdmission():
+            case nev.NodeAdmission():
                 if event.load_id is not None:
                     admissions[event.load_id] = event
                 if event.verdict == "refused":
                     report.refusals.append((seq, event.at, event.slot, event.error or ""))
-            case ev.ServerMeasured():
+            case nev.ServerMeasured():
                 if event.load_id is not None:
                     models[event.load_id] = event.spec.model
     for seq, evicted in pending:  # the admission is journaled after the evictions it made

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Final, cast
 
 from engine.core import events as ev
+from engine.core import node_events as nev
 from engine.core.postmortem import PHASE_CLOSES, PHASE_OPENS
 
 # Seconds: from a tiny model's 5 ms warm-up to a large model's minutes-long download.
@@ -66,7 +67,7 @@ class Tally:
 
     def add(self, stream: str, record: ev.BaseEvent) -> None:
         if not ev.is_slot_stream(stream):
-            if isinstance(record, ev.Evicted):
+            if isinstance(record, nev.Evicted):
                 self.evictions[record.cause] += 1
             return
         event = cast(ev.Event, record)

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from engine.adapters.feed import Feed, FeedEvent
 from engine.adapters.journal import Journal
 from engine.core import events as ev
+from engine.core import node_events as nev
 from engine.node import Node
 from engine.orchestrator import Engine
 from tests.fakes import FakeEffects
@@ -156,7 +157,7 @@ def test_node_events_cover_every_slot_and_the_node(journal_path: Path, tiny_mode
         node.load("chat", {"model_path": str(tiny_model)})
         node.load("embed", {"model_path": str(tiny_model)})
         streams = {item.stream for item in node.events(follow=False)}
-        assert {"chat", "embed", ev.NODE_STREAM} <= streams
+        assert {"chat", "embed", nev.NODE_STREAM} <= streams
     finally:
         node.close()
 

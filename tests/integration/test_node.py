@@ -16,7 +16,7 @@ import pytest
 from engine.adapters.journal import Journal
 from engine.adapters.process import ProcessManager
 from engine.cli.tiny_model import write_tiny_model
-from engine.core import events as ev
+from engine.core import node_events as nev
 from engine.node import Node
 from engine.replay import replay_state
 
@@ -39,10 +39,10 @@ def live_pids(journal_id: str) -> dict[str, int]:
     return found
 
 
-def node_events(journal: Path) -> list[ev.NodeEvent]:
+def node_events(journal: Path) -> list[nev.NodeEvent]:
     opened = Journal.open(journal, create=False)
     try:
-        return [ev.parse_node_event(p) for *_, p in opened.read_rows(ev.NODE_STREAM)]
+        return [nev.parse_node_event(p) for *_, p in opened.read_rows(nev.NODE_STREAM)]
     finally:
         opened.close()
 
@@ -81,7 +81,7 @@ def test_max_servers_pins_and_in_use(node: Node, models: list[str], journal: Pat
     node.touch("chat")  # embed is now the least recently used
     assert node.load("third", {"model_path": models[2]}).ok
     assert set(live_pids(journal_id)) == {"chat", "third"}
-    evicted = [e for e in node_events(journal) if isinstance(e, ev.Evicted)]
+    evicted = [e for e in node_events(journal) if isinstance(e, nev.Evicted)]
     assert [(e.slot, e.cause, e.for_slot) for e in evicted] == [("embed", "capacity", "third")]
     assert evicted[0].freed_bytes > 0  # its measured RSS
 
@@ -110,9 +110,9 @@ def test_memory_limit_from_measured_rss_evicts_by_memory(
         assert node.load("a", {"model_path": models[0]}).ok
         assert node.load("b", {"model_path": models[1]}).ok
         assert node.load("c", {"model_path": models[2]}).ok
-        evicted = [e for e in node_events(journal) if isinstance(e, ev.Evicted)]
+        evicted = [e for e in node_events(journal) if isinstance(e, nev.Evicted)]
         assert [(e.slot, e.cause) for e in evicted if e.cause != "manual"] == [("a", "memory")]
-        admissions = [e for e in node_events(journal) if isinstance(e, ev.NodeAdmission)]
+        admissions = [e for e in node_events(journal) if isinstance(e, nev.NodeAdmission)]
         assert admissions[-1].need_source == "measured" and admissions[-1].evicted == ("a",)
         assert node.status().used_bytes <= limit
     finally:

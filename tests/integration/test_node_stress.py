@@ -19,7 +19,7 @@ from engine.adapters.journal import Journal
 from engine.adapters.process import MARKER_ENV
 from engine.cli.main import main
 from engine.cli.tiny_model import write_tiny_model
-from engine.core import events as ev
+from engine.core import node_events as nev
 from engine.core.errors import EngineError
 from engine.node import Node
 
@@ -124,10 +124,10 @@ def test_random_node_traffic_keeps_every_guarantee(tmp_path: Path) -> None:
 
     opened = Journal.open(journal, create=False)
     try:
-        node_events = [ev.parse_node_event(p) for *_, p in opened.read_rows(ev.NODE_STREAM)]
+        node_events = [nev.parse_node_event(p) for *_, p in opened.read_rows(nev.NODE_STREAM)]
     finally:
         opened.close()
-    evicted = [e for e in node_events if isinstance(e, ev.Evicted) and e.cause != "manual"]
+    evicted = [e for e in node_events if isinstance(e, nev.Evicted) and e.cause != "manual"]
     assert evicted, f"nothing was ever evicted: {outcomes}"
     for eviction in evicted:  # journaled after the claim: no holder could be inside then
         inside = [h for h in held if h[0] == eviction.slot and h[1] <= eviction.at <= h[2]]

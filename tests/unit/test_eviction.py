@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.core import events as ev
+from engine.core import node_events as nev
 from engine.core.eviction import (
     Capacity,
     NodeState,
@@ -128,7 +129,7 @@ def test_node_state_folds_measurements_evictions_and_pins() -> None:
     spec = ev.LoadSpec(model="/m/a.gguf")
     state = NodeState()
     for event in (
-        ev.ServerMeasured(
+        nev.ServerMeasured(
             at=1.0,
             slot="chat",
             pid=7,
@@ -138,7 +139,7 @@ def test_node_state_folds_measurements_evictions_and_pins() -> None:
             rss_bytes=3,
             vram_bytes=1,
         ),
-        ev.ServerMeasured(
+        nev.ServerMeasured(
             at=2.0,
             slot="embed",
             pid=8,
@@ -148,8 +149,8 @@ def test_node_state_folds_measurements_evictions_and_pins() -> None:
             rss_bytes=2,
             vram_bytes=0,
         ),
-        ev.SlotPinned(at=3.0, slot="chat", pinned=True),
-        ev.Evicted(at=4.0, slot="embed", cause="ttl", idle_s=9.0, freed_bytes=2),
+        nev.SlotPinned(at=3.0, slot="chat", pinned=True),
+        nev.Evicted(at=4.0, slot="embed", cause="ttl", idle_s=9.0, freed_bytes=2),
     ):
         state = evolve_node(state, event)
     assert state.version == 4

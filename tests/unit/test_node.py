@@ -12,7 +12,7 @@ import pytest
 
 from engine.adapters.journal import Journal
 from engine.adapters.lease import SlotBusy
-from engine.core import events as ev
+from engine.core import node_events as nev
 from engine.core.errors import EngineError
 from engine.core.rules import InvalidRequest
 from engine.node import Node
@@ -48,16 +48,16 @@ def node(journal_path: Path, effects: FakeEffects) -> Iterator[Node]:
     node.close()
 
 
-def node_events(journal_path: Path) -> list[ev.NodeEvent]:
+def node_events(journal_path: Path) -> list[nev.NodeEvent]:
     journal = Journal.open(journal_path, create=False)
     try:
-        return [ev.parse_node_event(p) for *_, p in journal.read_rows(ev.NODE_STREAM)]
+        return [nev.parse_node_event(p) for *_, p in journal.read_rows(nev.NODE_STREAM)]
     finally:
         journal.close()
 
 
-def evictions(journal_path: Path) -> list[ev.Evicted]:
-    return [e for e in node_events(journal_path) if isinstance(e, ev.Evicted)]
+def evictions(journal_path: Path) -> list[nev.Evicted]:
+    return [e for e in node_events(journal_path) if isinstance(e, nev.Evicted)]
 
 
 def live(effects: FakeEffects) -> int:
@@ -104,7 +104,7 @@ def test_a_slot_in_use_is_not_evicted_and_the_load_fails_clearly(
     assert refused.status == "failed" and "a (in use" in (refused.error or "")
     assert evictions(journal_path) == [] and live(effects) == 2
     assert node.slot("c").status().state == "failed"
-    admission = [e for e in node_events(journal_path) if isinstance(e, ev.NodeAdmission)][-1]
+    admission = [e for e in node_events(journal_path) if isinstance(e, nev.NodeAdmission)][-1]
     assert admission.verdict == "refused" and admission.servers == 2
 
 
@@ -126,7 +126,7 @@ def test_wait_for_capacity_waits_for_the_server_in_use(
         result = node.load("b", {"model_path": models[1]})
         user.join()
         assert result.status == "loaded"
-        admission = [e for e in node_events(journal_path) if isinstance(e, ev.NodeAdmission)][-1]
+        admission = [e for e in node_events(journal_path) if isinstance(e, nev.NodeAdmission)][-1]
         assert admission.evicted == ("a",) and admission.waited_s >= 0.2
 
 
@@ -155,7 +155,7 @@ def test_memory_limit_evicts_by_measured_memory(
         assert (evicted.slot, evicted.cause) == ("a", "memory")
         # The same launch again: its measured figure (100 MiB) is the need now, not 512.
         assert node.load("a", {"model_path": models[0]}).status == "loaded"
-        admission = [e for e in node_events(journal_path) if isinstance(e, ev.NodeAdmission)][-1]
+        admission = [e for e in node_events(journal_path) if isinstance(e, nev.NodeAdmission)][-1]
         assert admission.need_source == "measured" and admission.need_bytes == 100 * MIB
 
 
@@ -255,11 +255,11 @@ def test_verify_fails_when_the_node_evicted_a_pinned_server(
     journal = Journal.open(journal_path)
     try:
         journal.append(
-            ev.NODE_STREAM,
+            nev.NODE_STREAM,
             0,
             [
-                ev.SlotPinned(at=1.0, slot="a", pinned=True),
-                ev.Evicted(at=2.0, slot="a", cause="memory", idle_s=1.0, freed_bytes=1),
+                nev.SlotPinned(at=1.0, slot="a", pinned=True),
+                nev.Evicted(at=2.0, slot="a", cause="memory", idle_s=1.0, freed_bytes=1),
             ],
         )
     finally:
@@ -285,7 +285,7 @@ def test_a_ready_server_is_measured_again_when_its_memory_grows(
         deadline = time.monotonic() + 5
         while node.status().slots["a"].held_bytes != 400 * MIB and time.monotonic() < deadline:
             time.sleep(0.05)
-    measured = [e.rss_bytes for e in node_events(journal_path) if isinstance(e, ev.ServerMeasured)]
+    measured = [e.rss_bytes for e in node_events(journal_path) if isinstance(e, nev.ServerMeasured)]
     assert measured == [100 * MIB, 400 * MIB]
 
 
@@ -306,7 +306,7 @@ def test_restore_follows_last_use_within_the_limits_and_lru_survives_a_restart(
     with open_node(journal_path, effects, max_servers=2, restore=True) as again:
         states = {n: s.status.state for n, s in again.status().slots.items()}
         assert states == {"a": "ready", "b": "ready", "c": "failed"}  # c: no room, no eviction
-        refused = [e for e in node_events(journal_path) if isinstance(e, ev.NodeAdmission)][-1]
+        refused = [e for e in node_events(journal_path) if isinstance(e, nev.NodeAdmission)][-1]
         assert refused.slot == "c" and refused.verdict == "refused" and refused.evicted == ()
         again.load("d", {"model_path": models[3]})  # b is older than a: it goes
         assert [e.slot for e in evictions(journal_path) if e.cause == "capacity"] == ["b"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.core import events as ev
+from engine.core import node_events as nev
 from engine.core.postmortem import analyse
 from engine.core.tally import PHASE_BUCKETS, Histogram, Tally
 from tests.unit.test_postmortem import SPEC, _load, _records
@@ -32,9 +33,9 @@ def test_phase_durations_are_the_ones_postmortem_reports() -> None:
 def test_crashes_by_kind_and_evictions_by_cause() -> None:
     tally = Tally()
     tally.add("default", ev.Crashed(at=1.0, pid=7, returncode=-9))
-    tally.add("@node", ev.Evicted(at=2.0, slot="chat", cause="capacity", idle_s=3.0,
+    tally.add("@node", nev.Evicted(at=2.0, slot="chat", cause="capacity", idle_s=3.0,
                                   freed_bytes=1 << 20))  # fmt: skip
-    tally.add("@node", ev.SlotPinned(at=2.0, slot="chat", pinned=True))
+    tally.add("@node", nev.SlotPinned(at=2.0, slot="chat", pinned=True))
     assert tally.slots["default"].crashes == {"crashed": 1}
     assert tally.evictions == {"capacity": 1} and "@node" not in tally.slots
 
