@@ -257,3 +257,19 @@ def test_a_crashed_model_is_respawned_for_the_next_request(service: Service) -> 
         journal.close()
     assert kinds.count("crashed") == 1 and "respawn_requested" in kinds
     assert kinds[kinds.index("respawn_requested") + 1] == "load_requested"
+
+
+def test_bad_control_requests_are_named_and_change_nothing(service: Service) -> None:
+    def post_raw(path: str, body: bytes) -> httpx.Response:
+        return httpx.post(service.base + path, content=body, trust_env=False, timeout=10)
+
+    for path in ("/models/load", "/models/unload", "/v1/chat/completions"):
+        answer = post_raw(path, b"{not json")
+        assert answer.status_code == 400 and "JSON" in answer.json()["error"]["message"]
+    assert "'model'" in service.post("/models/load", {"name": "chat"}).json()["error"]["message"]
+    unknown = service.post("/models/load", {"model": "../../etc/passwd"})
+    assert unknown.status_code == 404 and "not offered here" in unknown.json()["error"]["message"]
+    assert service.get("/events?since=-1").status_code == 400
+    assert service.get("/events?since=%D9%A5").status_code == 400  # Arabic-Indic digit five
+    assert service.status_of("chat") == "unloaded"
+    assert not _our_servers(service.journal)  # nothing was started
